@@ -1,0 +1,3 @@
+"""sepen: Separate-and-Enhance compositional finetuning for text-to-image diffusion models."""
+
+__version__ = "0.1.0"

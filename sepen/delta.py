@@ -1,0 +1,158 @@
+"""SepEn deltas: the finetuned weights as one small safetensors file with metadata.
+
+A delta holds only what training changed (the keys, or keys and values, of the cross-attention
+layers; or the LoRA factors of the keys) and applies to a stock diffusers pipeline of the same
+base model. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sepen.errors import DeltaError
+
+FORMAT = "sepen-delta"
+VERSION = "1"
+
+
+def unet_delta_tensors(unet, trainable: str) -> dict[str, torch.Tensor]:
+    """The tensors a delta stores, named after the UNet parameters they replace.
+
+    For LoRA the factors are stored as `<layer>.to_k.lora_A` / `.lora_B`; the scale lies in the
+    metadata.
+    """
+    tensors = {}
+    for name, param in unet.named_parameters():
+        if not param.requires_grad:
+            continue
+        if trainable == "lora":
+            # peft names: <layer>.to_k.lora_A.default.weight
+            base, kind = name.split(".lora_")[0], name.split(".lora_")[1].split(".")[0]
+            tensors[f"{base}.lora_{kind}"] = param
+        else:
+            tensors[name] = param
+    return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+
+
+def save_delta(
+    path: str | Path,
+    tensors: dict[str, torch.Tensor],
+    *,
+    base_model: str,
+    revision: str | None,
+    trainable: str,
+    config: dict,
+    lora_scale: float | None = None,
+) -> Path:
+    """Write the delta atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "format": FORMAT,
+        "version": VERSION,
+        "base_model": str(base_model),
+        "revision": revision or "",
+        "trainable": trainable,
+        "parameters": json.dumps({k: list(v.shape) for k, v in sorted(tensors.items())}),
+        "config": json.dumps(config, sort_keys=True),
+    }
+    if lora_scale is not None:
+        metadata["lora_scale"] = repr(float(lora_scale))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a delta; a missing, corrupt or foreign file is a DeltaError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeltaError(f"delta file {str(path)!r} does not exist: run `sepen finetune` first")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise DeltaError(
+            f"delta file {str(path)!r} is corrupt or not a safetensors file ({err}); "
+            f"write it again with `sepen finetune`"
+        ) from err
+    if metadata.get("format") != FORMAT:
+        raise DeltaError(
+            f"{str(path)!r} is a safetensors file but not a sepen delta "
+            f"(metadata format={metadata.get('format')!r})"
+        )
+    shapes = json.loads(metadata.get("parameters", "{}"))
+    if set(shapes) != set(tensors) or any(list(tensors[k].shape) != shapes[k] for k in tensors):
+        raise DeltaError(f"delta file {str(path)!r} is corrupt: tensors disagree with metadata")
+    return tensors, metadata
+
+
+def apply_delta(pipeline, path: str | Path) -> dict[str, str]:
+    """Load a delta into a diffusers pipeline's UNet, in place; returns the delta's metadata.
+
+    Every tensor is checked against the UNet before anything is changed, so a delta for another
+    base model raises DeltaError and leaves the pipeline untouched.
+    """
+    tensors, metadata = read_delta(path)
+    unet = pipeline.unet if hasattr(pipeline, "unet") else pipeline
+    params = dict(unet.named_parameters())
+    base = metadata.get("base_model", "?")
+    updates = {}
+    if metadata["trainable"] == "lora":
+        scale = float(metadata["lora_scale"])
+        for key in sorted(k for k in tensors if k.endswith(".lora_A")):
+            layer = key.removesuffix(".lora_A")
+            name = f"{layer}.weight"
+            if name not in params or f"{layer}.lora_B" not in tensors:
+                raise DeltaError(_mismatch(path, base, f"{name} does not exist in this UNet"))
+            down, up = tensors[key].float(), tensors[f"{layer}.lora_B"].float()
+            weight = params[name]
+            if (up.shape[0], down.shape[1]) != tuple(weight.shape):
+                raise DeltaError(
+                    _mismatch(
+                        path,
+                        base,
+                        f"{name} has shape {tuple(weight.shape)}, the delta's "
+                        f"LoRA gives {(up.shape[0], down.shape[1])}",
+                    )
+                )
+            updates[name] = weight.detach().float() + scale * (up @ down).to(weight.device)
+    else:
+        for name, value in tensors.items():
+            if name not in params:
+                raise DeltaError(_mismatch(path, base, f"{name} does not exist in this UNet"))
+            if tuple(params[name].shape) != tuple(value.shape):
+                raise DeltaError(
+                    _mismatch(
+                        path,
+                        base,
+                        f"{name} has shape {tuple(params[name].shape)}, "
+                        f"the delta's has {tuple(value.shape)}",
+                    )
+                )
+            updates[name] = value
+    with torch.no_grad():
+        for name, value in updates.items():
+            params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))
+    return metadata
+
+
+def _mismatch(path, base: str, detail: str) -> str:
+    return (
+        f"delta {str(path)!r} does not fit this pipeline: {detail}. It was trained on base model "
+        f"{base!r}; load that model (or retrain the delta on this one)"
+    )

@@ -1,0 +1,502 @@
+"""`sepen finetune`: Separate-and-Enhance finetuning on accelerate.
+
+The training signal needs no images (METHOD.md): random clean latents, noise and timesteps.
+Each optimizer step draws its whole global batch from a generator seeded by (seed, step), and
+each process and micro-step takes its slice, so a run gives the same result for any split of the
+same global batch over processes and accumulation steps, and a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sepen.attention import install_capture
+from sepen.config import load_config
+from sepen.errors import SepenError
+from sepen.losses import norm_loss, total_loss
+from sepen.tokens import aggregate_token_maps, concept_token_positions
+
+log = logging.getLogger("sepen.finetune")
+
+LOSS_COLUMNS = ("step", "loss", "separate", "enhance", "norm", "lr")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="sepen finetune",
+        description="Finetune the cross-attention keys of a Stable Diffusion UNet with the "
+        "Separate-and-Enhance losses; writes a safetensors delta.",
+    )
+    p.add_argument("--config", type=Path, help="YAML config (sepen schema); defaults apply")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. finetune.steps=50 (repeatable)",
+    )
+    p.add_argument("--model", help="base model: hub id or local folder (model.pretrained)")
+    p.add_argument("--concepts", nargs="+", help="override finetune.concepts")
+    p.add_argument("--out", type=Path, required=True, help="the delta file (.safetensors)")
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        help="checkpoints and loss log (default: <out without suffix>.state)",
+    )
+    p.add_argument("--resume", help="'latest' or a checkpoint folder to continue from")
+    p.add_argument(
+        "--cpu",
+        action="store_true",
+        help="train on CPU (gloo DDP when launched with several processes)",
+    )
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="STEP",
+        help="exit after this optimizer step without writing the delta "
+        "(simulates an interruption; checkpoints stay)",
+    )
+    return p.parse_args(argv)
+
+
+def _format(template: str, concepts) -> str:
+    slots = template.count("{}")
+    if slots != len(concepts):
+        raise SepenError(
+            f"template {template!r} has {slots} '{{}}' slots for {len(concepts)} concepts "
+            f"{list(concepts)}: give one '{{}}' per concept"
+        )
+    return template.format(*concepts)
+
+
+@dataclass
+class Batch:
+    prompts: list[str]
+    concepts: list[list[str]]
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
+
+class SignalSampler:
+    """The image-free training signal, drawn per optimizer step from a seeded generator."""
+
+    def __init__(
+        self, ft: dict, latent_shape, num_timesteps: int, latent_scale: float, processes: int
+    ):
+        self.ft = ft
+        self.shape = tuple(latent_shape)
+        self.num_timesteps = num_timesteps
+        self.scale = latent_scale
+        self.processes = processes
+        self.per_step = ft["batch_size"] * processes * ft["gradient_accumulation_steps"]
+
+    def _draw(self, g: torch.Generator, n: int):
+        latents = torch.randn((n, *self.shape), generator=g) * self.scale
+        noise = torch.randn((n, *self.shape), generator=g)
+        timesteps = torch.randint(0, self.num_timesteps, (n,), generator=g)
+        return latents, noise, timesteps
+
+    def step(self, step: int, micro: int, rank: int) -> tuple[Batch, Batch | None]:
+        ft, n = self.ft, self.per_step
+        g = torch.Generator().manual_seed(ft["seed"] * 1_000_003 + step)
+        concepts, templates = ft["concepts"], ft["templates"]
+        if ft["mode"] == "pairs":
+            picked = [list(concepts)] * n
+            prompts = [_format(templates[0], concepts)] * n
+        else:
+            picked, prompts = [], []
+            for _ in range(n):
+                i, j = torch.randperm(len(concepts), generator=g)[:2].tolist()
+                t = int(torch.randint(0, len(templates), (1,), generator=g))
+                picked.append([concepts[i], concepts[j]])
+                prompts.append(_format(templates[t], picked[-1]))
+        pair = Batch(prompts, picked, *self._draw(g, n))
+        single = None
+        if ft["_norm_loss"]:
+            idx = torch.randint(0, len(concepts), (n,), generator=g).tolist()
+            single = Batch(
+                [_format(ft["single_template"], [concepts[i]]) for i in idx],
+                [[concepts[i]] for i in idx],
+                *self._draw(g, n),
+            )
+        lo = (micro * self.processes + rank) * ft["batch_size"]
+        hi = lo + ft["batch_size"]
+        return _slice(pair, lo, hi), (_slice(single, lo, hi) if single else None)
+
+
+def _slice(b: Batch, lo: int, hi: int) -> Batch:
+    return Batch(
+        b.prompts[lo:hi], b.concepts[lo:hi], b.latents[lo:hi], b.noise[lo:hi], b.timesteps[lo:hi]
+    )
+
+
+def check_prompts(tokenizer, ft: dict) -> None:
+    """Fail before any model work if a concept cannot be found in its prompts."""
+    concepts, templates = ft["concepts"], ft["templates"]
+    if ft["mode"] == "pairs":
+        concept_token_positions(tokenizer, _format(templates[0], concepts), concepts)
+        return
+    if len(set(concepts)) < 2:
+        raise SepenError(f"joint mode needs two or more distinct concepts; got {concepts}")
+    partner = {c: next(d for d in concepts if d != c) for c in concepts}
+    for c in concepts:
+        for t in templates:
+            for pair in ([c, partner[c]], [partner[c], c]):
+                concept_token_positions(tokenizer, _format(t, pair), pair)
+        if ft["_norm_loss"]:
+            concept_token_positions(tokenizer, _format(ft["single_template"], [c]), [c])
+
+
+class CSVTracker:
+    """An accelerate tracker (GeneralTracker API) appending logged values to a CSV file."""
+
+    name = "csv"
+    requires_logging_directory = True
+    main_process_only = True
+
+    def __init__(self, path: Path, start_step: int = 0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        rows = []
+        if self.path.is_file() and start_step > 0:  # a resumed run drops rows it will redo
+            with self.path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, LOSS_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    @property
+    def tracker(self):
+        return self
+
+    def start(self):
+        pass
+
+    def store_init_configuration(self, values: dict):
+        self.path.with_suffix(".config.json").write_text(
+            json.dumps(values, indent=2, sort_keys=True)
+        )
+
+    def log(self, values: dict, step: int | None = None, **kwargs):
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, LOSS_COLUMNS, extrasaction="ignore").writerow(
+                {"step": step, **values}
+            )
+
+    def finish(self):
+        pass
+
+
+def _tracker(path: Path, start_step: int):
+    from accelerate.tracking import GeneralTracker
+
+    cls = type("SepenCSVTracker", (CSVTracker, GeneralTracker), {})
+    return cls(path, start_step)
+
+
+def find_checkpoint(output_dir: Path, resume: str | None) -> Path | None:
+    if not resume:
+        return None
+    if resume != "latest":
+        path = Path(resume)
+        if not path.is_dir():
+            raise SepenError(f"checkpoint {resume!r} does not exist; use --resume latest")
+        return path
+    found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def encode(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
+    ids = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
+    with torch.no_grad():
+        return text_encoder(ids)[0]
+
+
+def concept_maps(store, prompts, concepts, tokenizer, how: str, cache: dict) -> torch.Tensor:
+    """(B, N, H, h, w) maps of each sample's concepts from the captured attention."""
+    maps = store.aggregate()[: len(prompts)]
+    out = []
+    for b, (prompt, names) in enumerate(zip(prompts, concepts)):
+        key = (prompt, tuple(names))
+        if key not in cache:
+            cache[key] = concept_token_positions(tokenizer, prompt, names)
+        out.append(aggregate_token_maps(maps[b], cache[key], how))
+    return torch.stack(out)
+
+
+def main(args: argparse.Namespace) -> Path:
+    overrides = list(args.set)
+    if args.model:
+        overrides.append(f"model.pretrained={json.dumps(args.model)}")
+    if args.concepts:
+        overrides.append(f"finetune.concepts={json.dumps(args.concepts)}")
+    config = load_config(args.config, overrides)
+    ft = dict(config["finetune"])
+    ft["_norm_loss"] = ft["norm_loss"] if ft["norm_loss"] is not None else ft["mode"] == "joint"
+    out = Path(args.out)
+    output_dir = Path(args.output_dir) if args.output_dir else out.with_suffix(".state")
+    checkpoint = find_checkpoint(output_dir, args.resume)
+    start_step = int(checkpoint.name.split("-")[1]) if checkpoint else 0
+
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers import DDPMScheduler
+
+    from sepen.delta import save_delta, unet_delta_tensors
+    from sepen.models.loading import load_pipeline
+    from sepen.trainable import (
+        original_weights,
+        prepare_trainable,
+        trainable_layers,
+        value_layers,
+    )
+
+    accelerator = Accelerator(
+        cpu=args.cpu,
+        mixed_precision=ft["mixed_precision"],
+        gradient_accumulation_steps=ft["gradient_accumulation_steps"],
+        log_with=[_tracker(output_dir / "losses.csv", start_step)],
+        project_config=ProjectConfiguration(project_dir=str(output_dir)),
+    )
+    device = accelerator.device
+
+    pipe = load_pipeline(config["model"]["pretrained"], config["model"]["revision"])
+    tokenizer, text_encoder, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
+    check_prompts(tokenizer, ft)
+    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    latent_side = ft["image_size"] // vae_factor
+    store = install_capture(unet, ft["resolutions"], latent_side)
+    layers = trainable_layers(unet, store.captured, ft["_norm_loss"])
+    torch.manual_seed(ft["seed"])  # LoRA initialisation
+    values = value_layers(unet, store.captured, ft["_norm_loss"])
+    params = prepare_trainable(unet, layers, ft["trainable"], ft["lora_rank"], values)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    sampler = SignalSampler(
+        ft,
+        (unet.config.in_channels, latent_side, latent_side),
+        noise_scheduler.config.num_train_timesteps,
+        pipe.vae.config.scaling_factor,
+        accelerator.num_processes,
+    )
+    del pipe
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        ft["mixed_precision"], torch.float32
+    )
+    text_encoder.requires_grad_(False).to(device, weight_dtype)
+    unet.to(device)
+    if weight_dtype != torch.float32:  # frozen weights in half precision, trained ones in fp32
+        unet.to(weight_dtype)
+        for p in params.values():
+            p.data = p.data.float()
+    originals = (
+        None if ft["trainable"] == "lora" else {n: p.detach().clone() for n, p in params.items()}
+    )
+    lr = ft["learning_rate"] * (sampler.per_step if ft["scale_lr"] else 1)
+    optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=ft["weight_decay"])
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    raw_unet = accelerator.unwrap_model(unet)
+
+    def save_hook(models, weights, folder):
+        if accelerator.is_main_process:
+            from safetensors.torch import save_file
+
+            save_file(
+                {
+                    n: p.detach().float().cpu().contiguous()
+                    for n, p in raw_unet.named_parameters()
+                    if p.requires_grad
+                },
+                str(Path(folder) / "trainable.safetensors"),
+            )
+        weights.clear()
+
+    def load_hook(models, folder):
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(folder) / "trainable.safetensors"))
+        named = dict(raw_unet.named_parameters())
+        with torch.no_grad():
+            for n, v in state.items():
+                named[n].copy_(v)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    if checkpoint is not None:
+        log.info("resuming from %s (step %d)", checkpoint, start_step)
+        accelerator.load_state(str(checkpoint))
+    elif args.resume:
+        log.info("no checkpoint in %s: starting from step 0", output_dir)
+
+    public = {k: v for k, v in ft.items() if not k.startswith("_")}
+    accelerator.init_trackers("sepen", config={**public, "lr": lr})
+    log.info(
+        "training %d tensors in %d layers (%s), lr %.3g, global batch %d, %d process(es)",
+        len(params),
+        len(layers),
+        ft["trainable"],
+        lr,
+        sampler.per_step,
+        accelerator.num_processes,
+    )
+
+    cache: dict = {}
+    progress = tqdm(
+        range(start_step, ft["steps"]),
+        initial=start_step,
+        total=ft["steps"],
+        disable=not accelerator.is_local_main_process,
+        desc="finetune",
+        miniters=max(1, ft["steps"] // 100),
+        mininterval=5,
+    )
+    text_cache: dict = {}
+    for step in progress:
+        totals = {"loss": 0.0, "separate": 0.0, "enhance": 0.0, "norm": 0.0}
+        for micro in range(ft["gradient_accumulation_steps"]):
+            with accelerator.accumulate(unet):
+                pair, single = sampler.step(step, micro, accelerator.process_index)
+                batches = [pair] + ([single] if single else [])
+                prompts = [p for b in batches for p in b.prompts]
+                if ft["mode"] == "pairs" and not single:
+                    key = prompts[0]
+                    if key not in text_cache:
+                        text_cache[key] = encode(tokenizer, text_encoder, [key], device)
+                    emb = text_cache[key].expand(len(prompts), -1, -1)
+                else:
+                    emb = encode(tokenizer, text_encoder, prompts, device)
+                latents = torch.cat([b.latents for b in batches]).to(device)
+                noise = torch.cat([b.noise for b in batches]).to(device)
+                t = torch.cat([b.timesteps for b in batches]).to(device)
+                noisy = noise_scheduler.add_noise(latents, noise, t).to(weight_dtype)
+                store.reset()
+                pred = unet(noisy, t, emb).sample
+                maps = concept_maps(
+                    store, pair.prompts, pair.concepts, tokenizer, ft["token_aggregation"], cache
+                )
+                norm = None
+                if single:
+                    n = len(pair.prompts)
+                    store.enabled = False
+                    try:
+                        with (
+                            torch.no_grad(),
+                            accelerator.autocast(),
+                            original_weights(raw_unet, originals),
+                        ):
+                            frozen = raw_unet(noisy[n:], t[n:], emb[n:]).sample
+                    finally:
+                        store.enabled = True
+                    norm = norm_loss(pred[n:], frozen)
+                parts = total_loss(maps, ft["lambda_sep"], ft["lambda_en"], norm, ft["lambda_norm"])
+                accelerator.backward(parts["loss"])
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(list(params.values()), ft["max_grad_norm"])
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                for k, v in parts.items():
+                    totals[k] += float(v.detach()) / ft["gradient_accumulation_steps"]
+        done = step + 1
+        if done % ft["log_every"] == 0 or done == ft["steps"]:
+            values = torch.tensor(
+                [totals[k] for k in ("loss", "separate", "enhance", "norm")], device=device
+            )
+            values = accelerator.reduce(values, "mean").tolist()
+            if not all(v == v and abs(v) != float("inf") for v in values):
+                raise FloatingPointError(f"non-finite loss at step {done}: {values}")
+            record = dict(zip(("loss", "separate", "enhance", "norm"), values), lr=lr)
+            accelerator.log(record, step=done)
+            progress.set_postfix(loss=f"{values[0]:.4f}")
+        if done % ft["checkpointing_steps"] == 0 and done < ft["steps"]:
+            _save_checkpoint(accelerator, output_dir, done, ft["checkpoints_total_limit"])
+        if args.stop_after is not None and done >= args.stop_after and done < ft["steps"]:
+            log.info("stopping after step %d as asked (--stop-after)", done)
+            accelerator.end_training()
+            return output_dir
+
+    check_ranks_agree(accelerator, params)
+    if accelerator.is_main_process:
+        save_delta(
+            out,
+            unet_delta_tensors(raw_unet, ft["trainable"]),
+            base_model=config["model"]["pretrained"],
+            revision=config["model"]["revision"],
+            trainable=ft["trainable"],
+            config=config,
+            lora_scale=1.0 if ft["trainable"] == "lora" else None,
+        )
+        log.info("wrote %s", out)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out
+
+
+def check_ranks_agree(accelerator, params: dict) -> None:
+    """Fail loudly if data-parallel processes ended with different weights."""
+    g = torch.Generator().manual_seed(0)
+    fingerprint = torch.stack(
+        [
+            torch.stack(
+                [
+                    p.detach().double().sum(),
+                    p.detach().double().pow(2).sum(),
+                    (
+                        p.detach().double().flatten()
+                        * torch.rand(p.numel(), generator=g, dtype=torch.float64).to(p.device)
+                    ).sum(),
+                ]
+            )
+            for p in params.values()
+        ]
+    ).flatten()
+    every = accelerator.gather(fingerprint[None]).cpu()
+    if not torch.equal(every, every[:1].expand_as(every)):
+        raise RuntimeError("processes ended with different weights: data parallelism is broken")
+    log.info("trained weights identical on %d process(es)", accelerator.num_processes)
+
+
+def _save_checkpoint(accelerator, output_dir: Path, step: int, limit: int) -> None:
+    folder = output_dir / f"checkpoint-{step}"
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in found[: max(0, len(found) - limit)]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def cli(argv=None) -> int:
+    from sepen.logs import setup_logging
+
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        main(args)
+    except SepenError as err:
+        log.error("%s", err)
+        print(f"sepen finetune: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

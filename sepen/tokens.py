@@ -1,0 +1,111 @@
+"""Map each concept of a prompt to all of its sub-token positions, with the model's tokenizer.
+
+The authors' code took "word position + 1" as the token index, which is wrong for any concept
+that the BPE splits into several tokens ("hippopotamus" -> hippo, potam, us) or that has several
+words ("teddy bear"). Here a concept is found in the prompt text (case-insensitive, at word
+boundaries), and every token whose character span overlaps it belongs to it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+from sepen.errors import ConceptNotFoundError
+
+AGGREGATIONS = ("mean", "max", "sum")
+
+
+def _concept_pattern(concept: str) -> re.Pattern[str]:
+    words = concept.strip().split()
+    if not words:
+        raise ConceptNotFoundError(f"empty concept {concept!r}: give the object's name, e.g. 'cat'")
+    body = r"\s+".join(re.escape(w) for w in words)
+    return re.compile(rf"(?<!\w){body}(?!\w)", re.IGNORECASE)
+
+
+def concept_token_positions(tokenizer, prompt: str, concepts: Sequence[str]) -> list[list[int]]:
+    """Positions (in the tokenized prompt, start token = 0) of every sub-token of each concept.
+
+    A concept named twice in `concepts` takes successive mentions in the prompt. Longer concepts
+    claim their text first, so "bear" next to "teddy bear" finds the standalone mention.
+    Raises ConceptNotFoundError if a concept is not in the prompt or is cut off by the tokenizer's
+    maximum length.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(
+            f"{type(tokenizer).__name__} gives no character offsets; "
+            "use a fast (tokenizers-backed) tokenizer"
+        )
+    encoding = tokenizer(
+        prompt, add_special_tokens=True, return_offsets_mapping=True, verbose=False
+    )
+    offsets = encoding["offset_mapping"]
+    max_length = tokenizer.model_max_length
+    # with truncation the last kept slot holds the end token
+    last_kept = max_length - 2 if max_length and max_length < 10**6 else len(offsets) - 1
+
+    claimed: list[tuple[int, int]] = []
+    spans: dict[int, tuple[int, int]] = {}
+    for i in sorted(range(len(concepts)), key=lambda k: -len(concepts[k])):
+        pattern = _concept_pattern(concepts[i])
+        for match in pattern.finditer(prompt):
+            if all(match.end() <= a or match.start() >= b for a, b in claimed):
+                spans[i] = match.span()
+                claimed.append(match.span())
+                break
+        else:
+            raise ConceptNotFoundError(
+                f"concept {concepts[i]!r} not found in prompt {prompt!r}"
+                + (
+                    " (it is named more often than the prompt mentions it)"
+                    if pattern.search(prompt)
+                    else ""
+                )
+                + ": name each concept as a whole word of the prompt"
+            )
+
+    positions: list[list[int]] = []
+    for i, concept in enumerate(concepts):
+        start, end = spans[i]
+        found = [
+            p
+            for p, (a, b) in enumerate(offsets)
+            if b > a and a < end and b > start and p not in (0, len(offsets) - 1)
+        ]
+        if not found:
+            raise ConceptNotFoundError(
+                f"concept {concept!r} in prompt {prompt!r} maps to no token of "
+                f"{type(tokenizer).__name__}"
+            )
+        if max(found) > last_kept:
+            raise ConceptNotFoundError(
+                f"concept {concept!r} is cut off by the tokenizer's maximum length "
+                f"({max_length} tokens) in prompt {prompt!r}: shorten the prompt"
+            )
+        positions.append(found)
+    return positions
+
+
+def aggregate_token_maps(
+    maps: torch.Tensor, positions: Sequence[Sequence[int]], how: str = "mean"
+) -> torch.Tensor:
+    """One map per concept from the per-token maps.
+
+    maps: (..., T) attention probabilities over the T text tokens.
+    Returns (N, ...) with one entry per concept, its sub-tokens' maps combined by `how`.
+    """
+    if how not in AGGREGATIONS:
+        raise ValueError(f"token aggregation {how!r} is not one of {AGGREGATIONS}")
+    out = []
+    for pos in positions:
+        sub = maps[..., list(pos)]
+        if how == "mean":
+            out.append(sub.mean(-1))
+        elif how == "max":
+            out.append(sub.amax(-1))
+        else:
+            out.append(sub.sum(-1))
+    return torch.stack(out)

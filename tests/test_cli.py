@@ -1,0 +1,52 @@
+import subprocess
+import sys
+
+import pytest
+
+from sepen.__main__ import main
+from sepen.config import load_config, validate_config
+from sepen.errors import ConfigError
+
+
+def test_unknown_step_exits_2_and_lists_the_steps(capsys):
+    assert main(["fly"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown step 'fly'" in err and "finetune" in err and "tiny-model" in err
+
+
+def test_tiny_model_step_then_finetune_from_the_console_script(tmp_path):
+    model = tmp_path / "model"
+    assert main(["tiny-model", "--out", str(model)]) == 0
+    assert (model / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    done = subprocess.run(
+        ["sepen", "finetune", "--config", "config/tiny.yaml", "--model", str(model),
+         "--set", "finetune.steps=2", "--out", str(tmp_path / "d.safetensors"), "--cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "d.safetensors").stat().st_size > 0
+
+
+@pytest.mark.parametrize("path", ["config/tiny.yaml", "config/sd14_pair.yaml"])
+def test_shipped_configs_validate(path):
+    assert load_config(path)["finetune"]["mode"] == "pairs"
+
+
+def test_config_defaults_are_the_papers_per_pair_settings():
+    ft = validate_config({})["finetune"]
+    assert (ft["steps"], ft["batch_size"], ft["learning_rate"]) == (200, 4, 2e-6)
+    assert (ft["lambda_sep"], ft["lambda_en"], ft["lambda_norm"]) == (1.0, 0.5, 0.5)
+    assert (ft["weight_decay"], ft["max_grad_norm"], ft["resolutions"]) == (0.01, 1.0, [16])
+
+
+def test_wrong_config_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"finetune.batch_size = 'four' is invalid"):
+        validate_config({"finetune": {"batch_size": "four"}})
+    with pytest.raises(ConfigError, match="config file 'nope.yaml' does not exist"):
+        load_config("nope.yaml")
+
+
+def test_module_entry_point_runs():
+    done = subprocess.run([sys.executable, "-m", "sepen", "--help"], capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and "finetune" in done.stderr

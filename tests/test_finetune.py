@@ -1,0 +1,212 @@
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from sepen.finetune import SignalSampler, cli, main, parse_args
+
+
+@pytest.fixture()
+def config(tmp_path, tiny_model):
+    def write(**finetune):
+        ft = dict(
+            steps=3,
+            batch_size=2,
+            image_size=128,
+            resolutions=[8],
+            learning_rate=5e-4,
+            checkpointing_steps=2,
+            log_every=1,
+        )
+        ft.update(finetune)
+        path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.yaml"
+        path.write_text(yaml.safe_dump({"model": {"pretrained": str(tiny_model)}, "finetune": ft}))
+        return path
+
+    return write
+
+
+def _run(*argv):
+    return main(parse_args([str(a) for a in argv] + ["--cpu"]))
+
+
+def test_pairs_finetune_writes_a_delta_of_the_keys_only(config, tmp_path, tiny_pipe):
+    out = _run("--config", config(), "--out", tmp_path / "d.safetensors")
+    delta = load_file(str(out))
+    base = dict(tiny_pipe.unet.named_parameters())
+    assert sorted(delta) == sorted(
+        n for n in base if n.endswith("attn2.to_k.weight") and not n.startswith("up_blocks.2")
+    )
+    assert all((delta[n] - base[n]).abs().max() > 0 for n in delta)
+    with open(tmp_path / "d.state" / "losses.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert all(0 <= float(r["separate"]) <= 0.5 and 0 < float(r["enhance"]) <= 1 for r in rows)
+    assert float(rows[0]["lr"]) == pytest.approx(5e-4 * 2)  # scaled by the global batch
+
+
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(config, tmp_path):
+    cfg = config(steps=5, checkpointing_steps=2, checkpoints_total_limit=2)
+    whole = load_file(str(_run("--config", cfg, "--out", tmp_path / "a.safetensors")))
+    _run("--config", cfg, "--out", tmp_path / "b.safetensors", "--stop-after", 3)
+    assert not (tmp_path / "b.safetensors").exists()
+    assert sorted(p.name for p in (tmp_path / "b.state").glob("checkpoint-*")) == ["checkpoint-2"]
+    resumed = load_file(
+        str(_run("--config", cfg, "--out", tmp_path / "b.safetensors", "--resume", "latest"))
+    )
+    assert sorted(whole) == sorted(resumed)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert sorted(p.name for p in (tmp_path / "b.state").glob("checkpoint-*")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+    ]
+    with open(tmp_path / "b.state" / "losses.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5]
+
+
+def test_checkpoint_total_limit_keeps_the_newest(config, tmp_path):
+    _run(
+        "--config",
+        config(steps=7, checkpointing_steps=2, checkpoints_total_limit=2),
+        "--out",
+        tmp_path / "d.safetensors",
+    )
+    assert sorted(p.name for p in (tmp_path / "d.state").glob("checkpoint-*")) == [
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
+
+
+def test_joint_mode_with_norm_loss_and_lora(config, tmp_path):
+    cfg = config(
+        mode="joint",
+        concepts=["cat", "dog", "hippopotamus", "teddy bear"],
+        trainable="lora",
+        lora_rank=2,
+        steps=2,
+        learning_rate=1e-3,
+    )
+    out = _run("--config", cfg, "--out", tmp_path / "j.safetensors")
+    delta = load_file(str(out))
+    assert len(delta) == 14 and all(k.endswith(("lora_A", "lora_B")) for k in delta)
+    with open(tmp_path / "j.state" / "losses.csv") as f:
+        rows = list(csv.DictReader(f))
+    # LoRA starts as the identity: no drift at step 1 (only float rounding), then some
+    assert float(rows[0]["norm"]) < 1e-10
+    assert float(rows[1]["norm"]) > 100 * float(rows[0]["norm"])
+
+
+def test_signal_is_the_same_for_any_split_of_the_global_batch():
+    ft = dict(
+        mode="joint",
+        concepts=["a", "b", "c"],
+        templates=["{} and {}"],
+        single_template="{}",
+        seed=3,
+        batch_size=1,
+        gradient_accumulation_steps=2,
+        _norm_loss=True,
+    )
+    split = SignalSampler(ft, (4, 2, 2), 1000, 0.18, processes=2)
+    whole = SignalSampler(
+        {**ft, "batch_size": 4, "gradient_accumulation_steps": 1},
+        (4, 2, 2),
+        1000,
+        0.18,
+        processes=1,
+    )
+    full_pair, full_single = whole.step(5, 0, 0)
+    for micro in range(2):
+        for rank in range(2):
+            pair, single = split.step(5, micro, rank)
+            i = micro * 2 + rank
+            assert pair.prompts == full_pair.prompts[i : i + 1]
+            assert torch.equal(pair.latents, full_pair.latents[i : i + 1])
+            assert torch.equal(single.timesteps, full_single.timesteps[i : i + 1])
+    assert full_pair.latents.std().item() == pytest.approx(0.18, rel=0.5)  # randn * scale
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(config, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "sepen",
+            "finetune",
+            "--config",
+            str(config(batch_size=1)),
+            "--out",
+            str(tmp_path / "two.safetensors"),
+            "--cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "trained weights identical on 2 process(es)" in two.stderr
+    one = load_file(
+        str(_run("--config", config(batch_size=2), "--out", tmp_path / "one.safetensors"))
+    )
+    two = load_file(str(tmp_path / "two.safetensors"))
+    assert sorted(one) == sorted(two)
+    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+
+
+LONG = "a " * 75
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("finetune.learning_rate=0", "finetune.learning_rate = 0 is invalid"),
+        ("finetune.learning_rate=-1e-5", "finetune.learning_rate = -1e-05 is invalid"),
+        ("finetune.steps=0", "finetune.steps = 0 is invalid"),
+        (
+            "finetune.stepz=10",
+            "config key finetune: Additional properties are not allowed ('stepz' was unexpected)",
+        ),
+        (
+            "finetune.templates=['a photo of {}s and {}s']",
+            "concept 'cat' not found in prompt 'a photo of cats and dogs'",
+        ),
+        (
+            f"finetune.templates=['{LONG}{{}} and a {{}}']",
+            "concept 'cat' is cut off by the tokenizer's maximum length (77 tokens)",
+        ),
+        (
+            "finetune.resolutions=[12]",
+            "no cross-attention layer at resolution [12] for 16x16 latents; available: [16, 8, 4]",
+        ),
+        ("finetune.templates=['a {} and a {} and a {}']", "has 3 '{}' slots for 2 concepts"),
+    ],
+)
+def test_bad_input_is_rejected_with_a_clear_message(config, tmp_path, capsys, override, message):
+    code = cli(
+        [
+            "--config",
+            str(config()),
+            "--set",
+            override,
+            "--out",
+            str(tmp_path / "d.safetensors"),
+            "--cpu",
+        ]
+    )
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "d.safetensors").exists()
+    assert not list((tmp_path / "d.state").glob("checkpoint-*"))

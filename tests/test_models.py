@@ -1,0 +1,30 @@
+import pytest
+
+from sepen.errors import ModelNotAvailableError
+from sepen.models import load_pipeline
+
+
+def test_tiny_pipeline_round_trips_with_the_real_tokenizer(tiny_model, tiny_pipe):
+    assert (tiny_model / "model_index.json").is_file()
+    assert tiny_pipe.tokenizer.model_max_length == 77
+    assert tiny_pipe.tokenizer("a cat").input_ids == [49406, 320, 2368, 49407]
+    assert tiny_pipe.unet.config.cross_attention_dim == tiny_pipe.text_encoder.config.hidden_size
+    assert tiny_pipe.vae.config.block_out_channels == [8, 8, 16, 16]  # VAE factor 8, as SD
+
+
+def test_missing_hub_model_offline_names_the_model_and_the_fix(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotAvailableError) as err:
+        load_pipeline("CompVis/stable-diffusion-v1-4")
+    message = str(err.value)
+    assert "'CompVis/stable-diffusion-v1-4'" in message
+    assert "huggingface-cli download CompVis/stable-diffusion-v1-4" in message
+    assert "save_pretrained" in message
+
+
+def test_missing_local_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelNotAvailableError, match="does not exist: check the path"):
+        load_pipeline(str(tmp_path / "nowhere" / "sd"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotAvailableError, match="has no model_index.json"):
+        load_pipeline(tmp_path / "empty")
