@@ -13,6 +13,7 @@ import yaml
 
 from sepen.errors import ConfigError
 
+
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 SafeLoader that also reads 1e-5 (no dot) as a float, as YAML 1.2 does."""
 

@@ -27,7 +27,7 @@ def clip_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    """A tiny random SD-architecture pipeline saved with save_pretrained (latent 16, maps 16/8/4)."""
+    """A tiny random SD pipeline saved with save_pretrained (latent 16; maps 16, 8, 4)."""
     from sepen.models import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)

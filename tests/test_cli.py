@@ -1,11 +1,14 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from sepen.__main__ import main
 from sepen.config import load_config, validate_config
 from sepen.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_unknown_step_exits_2_and_lists_the_steps(capsys):
@@ -19,9 +22,22 @@ def test_tiny_model_step_then_finetune_from_the_console_script(tmp_path):
     assert main(["tiny-model", "--out", str(model)]) == 0
     assert (model / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     done = subprocess.run(
-        ["sepen", "finetune", "--config", "config/tiny.yaml", "--model", str(model),
-         "--set", "finetune.steps=2", "--out", str(tmp_path / "d.safetensors"), "--cpu"],
-        capture_output=True, text=True, timeout=300,
+        [
+            "sepen",
+            "finetune",
+            "--config",
+            str(ROOT / "config/tiny.yaml"),
+            "--model",
+            str(model),
+            "--set",
+            "finetune.steps=2",
+            "--out",
+            str(tmp_path / "d.safetensors"),
+            "--cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "d.safetensors").stat().st_size > 0
@@ -29,7 +45,7 @@ def test_tiny_model_step_then_finetune_from_the_console_script(tmp_path):
 
 @pytest.mark.parametrize("path", ["config/tiny.yaml", "config/sd14_pair.yaml"])
 def test_shipped_configs_validate(path):
-    assert load_config(path)["finetune"]["mode"] == "pairs"
+    assert load_config(ROOT / path)["finetune"]["mode"] == "pairs"
 
 
 def test_config_defaults_are_the_papers_per_pair_settings():
@@ -47,6 +63,5 @@ def test_wrong_config_type_names_the_key():
 
 
 def test_module_entry_point_runs():
-    done = subprocess.run([sys.executable, "-m", "sepen", "--help"], capture_output=True,
-                          text=True)
+    done = subprocess.run([sys.executable, "-m", "sepen", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "finetune" in done.stderr

@@ -11,6 +11,16 @@ from safetensors.torch import load_file
 from sepen.finetune import SignalSampler, cli, main, parse_args
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one state per process; each in-process run starts from a clean one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture()
 def config(tmp_path, tiny_model):
     def write(**finetune):
@@ -210,3 +220,27 @@ def test_bad_input_is_rejected_with_a_clear_message(config, tmp_path, capsys, ov
     assert message in capsys.readouterr().err
     assert not (tmp_path / "d.safetensors").exists()
     assert not list((tmp_path / "d.state").glob("checkpoint-*"))
+
+
+def test_gradient_accumulation_matches_the_same_global_batch_in_one_step(config, tmp_path):
+    one = load_file(str(_run("--config", config(batch_size=2), "--out", tmp_path / "a.st")))
+    accum = load_file(
+        str(
+            _run(
+                "--config",
+                config(batch_size=1, gradient_accumulation_steps=2),
+                "--out",
+                tmp_path / "b.st",
+            )
+        )
+    )
+    assert max((one[k] - accum[k]).abs().max().item() for k in one) <= 1e-5
+
+
+def test_bf16_mixed_precision_trains_with_finite_losses(config, tmp_path):
+    out = _run("--config", config(mixed_precision="bf16"), "--out", tmp_path / "m.safetensors")
+    delta = load_file(str(out))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in delta.values())
+    with open(tmp_path / "m.state" / "losses.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and all(0 < float(r["loss"]) < 2 for r in rows)
