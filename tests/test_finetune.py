@@ -244,3 +244,33 @@ def test_bf16_mixed_precision_trains_with_finite_losses(config, tmp_path):
     with open(tmp_path / "m.state" / "losses.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and all(0 < float(r["loss"]) < 2 for r in rows)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_multi_gpu_on_cpu_runs_two_gloo_processes(config, tmp_path):
+    done = subprocess.run(
+        [
+            "accelerate",
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            "29523",
+            "-m",
+            "sepen",
+            "finetune",
+            "--config",
+            str(config(batch_size=1)),
+            "--out",
+            str(tmp_path / "acc.safetensors"),
+            "--cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "global batch 2, 2 process(es)" in done.stderr
+    assert "trained weights identical on 2 process(es)" in done.stderr
