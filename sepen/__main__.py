@@ -8,6 +8,7 @@ import sys
 STEPS = {
     "finetune": ("sepen.finetune", "SepEn finetuning of the cross-attention keys"),
     "tiny-model": ("sepen.models.tiny", "save a tiny random SD-architecture pipeline"),
+    "toy": ("sepen.toy.cli", "the toy world: `sepen toy pretrain` trains its base model"),
 }
 
 

@@ -1,0 +1,99 @@
+"""The toy world's exact detector: which concepts an image shows, and how many of each.
+
+A pixel belongs to a concept when its colour is nearest to that concept's colour (and near
+enough); each connected region of one colour counts as the concept only if its outline matches
+the concept's shape (best IoU of the shape fitted to the region's box). So two objects merged
+into one blob, or an object drawn with another concept's shape, do not count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from sepen.toy.world import BACKGROUND, CONCEPTS, shape_mask
+
+# half extents of each shape's box per unit radius (x, y)
+_EXTENT = {"square": (0.8, 0.8), "bar": (1.0, 0.4)}
+
+
+def color_labels(image: np.ndarray, max_distance: float = 110.0) -> np.ndarray:
+    """(h, w) index of the nearest concept colour per pixel; -1 for background or no match."""
+    names = list(CONCEPTS)
+    palette = np.array([BACKGROUND] + [CONCEPTS[n].color for n in names], dtype=np.float64)
+    pixels = np.asarray(image, dtype=np.float64)[..., :3]
+    dist = np.linalg.norm(pixels[:, :, None, :] - palette[None, None], axis=-1)
+    nearest = dist.argmin(-1)
+    labels = nearest - 1  # background -> -1
+    labels[dist.min(-1) > max_distance] = -1
+    return labels
+
+
+def fit_iou(region: np.ndarray, shape: str) -> float:
+    """Best IoU between a boolean region and `shape` fitted around the region's box."""
+    ys, xs = np.nonzero(region)
+    if len(xs) == 0:
+        return 0.0
+    size = region.shape[0]
+    cx0, cy0 = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+    ax, ay = _EXTENT.get(shape, (1.0, 1.0))
+    w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+    # a shape of radius r covers a box of 2r * extent pixels, give or take one pixel
+    extent = ax if w / (2 * ax) >= h / (2 * ay) else ay
+    r0 = max(w / (2 * ax), h / (2 * ay))
+    best = 0.0
+    for shrink in (0.0, 0.25, 0.5, 0.75):
+        r = r0 - shrink / extent
+        for dx in (-0.5, 0.0, 0.5):
+            for dy in (-0.5, 0.0, 0.5):
+                template = shape_mask(shape, cx0 + dx, cy0 + dy, r, size)
+                inter = np.logical_and(template, region).sum()
+                union = np.logical_or(template, region).sum()
+                best = max(best, inter / union if union else 0.0)
+    return float(best)
+
+
+SHAPES = sorted({c.shape for c in CONCEPTS.values()})
+
+
+def best_shape(region: np.ndarray) -> tuple[str, float]:
+    """The shape that fits the region best, and its IoU."""
+    fits = {shape: fit_iou(region, shape) for shape in SHAPES}
+    shape = max(fits, key=fits.get)
+    return shape, fits[shape]
+
+
+def detect(
+    image: np.ndarray, min_area: int = 8, min_iou: float = 0.6, max_distance: float = 110.0
+) -> dict[str, int]:
+    """Count of each concept in an (h, w, 3) uint8 image (only concepts seen appear).
+
+    A region of a concept's colour counts when the concept's shape fits it best of all shapes,
+    with IoU >= min_iou.
+    """
+    labels = color_labels(image, max_distance)
+    counts: dict[str, int] = {}
+    for k, name in enumerate(CONCEPTS):
+        regions, n = ndimage.label(labels == k)
+        for i in range(1, n + 1):
+            region = regions == i
+            if region.sum() < min_area:
+                continue
+            shape, iou = best_shape(region)
+            if shape == CONCEPTS[name].shape and iou >= min_iou:
+                counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def score_image(counts: dict[str, int], named: Sequence[str]) -> dict[str, float]:
+    """Per-image outcomes: success (every named concept present), hits, spurious objects."""
+    hits = [counts.get(c, 0) > 0 for c in named]
+    spurious = [c for c in counts if c not in named]
+    return {
+        "success": float(all(hits)),
+        "hit_rate": float(np.mean(hits)),
+        "spurious": float(bool(spurious)),
+        "exact_count": float(all(counts.get(c, 0) == 1 for c in named) and not spurious),
+    }

@@ -1,0 +1,174 @@
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from sepen.config import validate_config
+from sepen.tokens import concept_token_positions
+from sepen.toy.model import build_tokenizer
+from sepen.toy.world import CONCEPTS, prompt_for
+
+
+def test_toy_tokenizer_and_token_mapper_agree():
+    tok = build_tokenizer()
+    for a in CONCEPTS:
+        for b in CONCEPTS:
+            if a == b:
+                continue
+            prompt = prompt_for([a, b], "with")
+            ids = tok(prompt).input_ids
+            pos = concept_token_positions(tok, prompt, [a, b])
+            assert [tok.convert_ids_to_tokens(ids[p[0]]) for p in pos] == [a, b]
+            assert pos == [[5], [8]]  # <bos> a photo of a A with a B <eos>
+    assert tok("A Photo of a CIRCLE").input_ids == tok("a photo of a circle").input_ids
+    assert tok("a photo of a unicorn").input_ids[5] == tok.unk_token_id
+
+
+TINY = {
+    "toy": {
+        "model": {"channels": [8, 16, 16], "text_width": 16, "vae_channels": 8},
+        "pretrain": {
+            "vae_steps": 2,
+            "steps": 3,
+            "batch_size": 4,
+            "validation_images": 0,
+            "warmup_steps": 1,
+        },
+    }
+}
+
+
+def test_pretraining_is_deterministic_for_a_seed(tmp_path):
+    from sepen.toy.pretrain import pretrain
+
+    config = validate_config(TINY)
+    pretrain(config, tmp_path / "a", progress=False)
+    pretrain(config, tmp_path / "b", progress=False)
+    for part in (
+        "unet/diffusion_pytorch_model",
+        "vae/diffusion_pytorch_model",
+        "text_encoder/model",
+    ):
+        a = load_file(str(tmp_path / "a" / f"{part}.safetensors"))
+        b = load_file(str(tmp_path / "b" / f"{part}.safetensors"))
+        assert sorted(a) == sorted(b)
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    other = validate_config(
+        {**TINY, "toy": {**TINY["toy"], "pretrain": {**TINY["toy"]["pretrain"], "seed": 1}}}
+    )
+    pretrain(other, tmp_path / "c", progress=False)
+    c = load_file(str(tmp_path / "c" / "unet/diffusion_pytorch_model.safetensors"))
+    a = load_file(str(tmp_path / "a" / "unet/diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_pretrained_toy_model_loads_as_a_stable_diffusion_pipeline(tmp_path):
+    from sepen.models import load_pipeline
+    from sepen.toy.evaluate import generate
+    from sepen.toy.pretrain import pretrain
+
+    summary = pretrain(validate_config(TINY), tmp_path / "m", progress=False)
+    assert len(summary["held_out_pairs"]) == 8
+    pipe = load_pipeline(tmp_path / "m")
+    prompt = "a photo of a star with a ring"
+    assert pipe.tokenizer(prompt).input_ids == build_tokenizer()(prompt).input_ids
+    assert pipe.tokenizer.model_max_length == 16
+    images = generate(pipe, ["a photo of a circle"] * 2, [0, 0], steps=2, guidance=2.0)
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+    assert np.array_equal(images[0], images[1])  # same seed, same image
+
+
+def test_cell_fractions_average_the_mask_over_each_cell():
+    from sepen.toy.evaluate import _cell_fractions
+
+    mask = np.zeros((4, 4), bool)
+    mask[0, 0] = mask[0, 1] = mask[1, 0] = True
+    mask[2:, 2:] = True
+    assert _cell_fractions(mask, 2).tolist() == [[0.75, 0.0], [0.0, 1.0]]
+
+
+def test_sepen_on_the_toy_model_end_to_end(tmp_path):
+    """Pretrain (tiny) -> SepEn finetune (joint, norm loss) -> evaluate with paired seeds."""
+    import json
+
+    import yaml
+
+    from sepen.delta import save_delta, unet_delta_tensors
+    from sepen.finetune import main as finetune
+    from sepen.finetune import parse_args
+    from sepen.models import load_pipeline
+    from sepen.toy.evaluate import cli as evaluate_cli
+    from sepen.toy.pretrain import pretrain
+    from sepen.trainable import prepare_trainable, trainable_layers
+
+    config = validate_config(TINY)
+    pretrain(config, tmp_path / "base", progress=False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                **TINY,
+                "model": {"pretrained": str(tmp_path / "base")},
+                "sampling": {"steps": 2, "guidance_scale": 2.0},
+                "finetune": {
+                    "mode": "joint",
+                    "concepts": list(CONCEPTS),
+                    "image_size": 32,
+                    "resolutions": [16, 8],
+                    "steps": 2,
+                    "batch_size": 2,
+                    "learning_rate": 1e-3,
+                    "log_every": 1,
+                },
+            }
+        )
+    )
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    delta = finetune(
+        parse_args(["--config", str(cfg), "--out", str(tmp_path / "sepen.safetensors"), "--cpu"])
+    )
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert delta.is_file()
+    # a delta that holds the base weights themselves changes nothing: differences are exactly 0
+    base = load_pipeline(tmp_path / "base")
+    prepare_trainable(base.unet, trainable_layers(base.unet, [], True), "to_k")
+    save_delta(
+        tmp_path / "same.safetensors",
+        unet_delta_tensors(base.unet, "to_k"),
+        base_model="base",
+        revision=None,
+        trainable="to_k",
+        config={},
+    )
+    for name in ("sepen", "same"):
+        code = evaluate_cli(
+            [
+                "--config",
+                str(cfg),
+                "--model",
+                str(tmp_path / "base"),
+                "--delta",
+                str(tmp_path / f"{name}.safetensors"),
+                "--images",
+                "3",
+                "--premise-scenes",
+                "1",
+                "--out",
+                str(tmp_path / f"{name}.json"),
+                "--grid",
+                str(tmp_path / f"{name}.png"),
+            ]
+        )
+        assert code == 0
+    same = json.loads((tmp_path / "same.json").read_text())
+    assert set(same["kinds"]) == {"single", "trained_pairs", "held_out_pairs"}
+    for entry in same["kinds"].values():
+        assert entry["sepen"]["success"] == entry["base"]["success"]
+        assert entry["sepen_minus_base"]["success"]["mean"] == 0.0
+    shares = json.loads((tmp_path / "sepen.json").read_text())["attention_share"]
+    for method in ("base", "sepen"):
+        for kind in ("trained_pairs", "held_out_pairs"):
+            s = shares[method][kind]
+            assert 0 <= s["own"] <= 1 and 0 <= s["other"] <= 1 and s["n"] == 6
+    assert (tmp_path / "sepen.png").stat().st_size > 0
