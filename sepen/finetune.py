@@ -24,7 +24,7 @@ from sepen.attention import install_capture
 from sepen.config import load_config
 from sepen.errors import SepenError
 from sepen.losses import norm_loss, total_loss
-from sepen.tokens import aggregate_token_maps, concept_token_positions
+from sepen.tokens import aggregate_token_maps, concept_token_positions, prompt_ids
 
 log = logging.getLogger("sepen.finetune")
 
@@ -89,50 +89,108 @@ class Batch:
 
 
 class SignalSampler:
-    """The image-free training signal, drawn per optimizer step from a seeded generator."""
+    """The training signal, drawn per optimizer step from a seeded generator.
+
+    With no pool, clean latents are random (the paper's image-free signal). With a pool
+    (`signal: base_samples`), each sample's prompt and clean latent are drawn from latents the
+    base model generated for its prompts.
+    """
 
     def __init__(
-        self, ft: dict, latent_shape, num_timesteps: int, latent_scale: float, processes: int
+        self,
+        ft: dict,
+        latent_shape,
+        num_timesteps: int,
+        latent_scale: float,
+        processes: int,
+        pool: dict[str, Batch] | None = None,
     ):
         self.ft = ft
         self.shape = tuple(latent_shape)
         self.num_timesteps = num_timesteps
         self.scale = latent_scale
         self.processes = processes
+        self.pool = pool
         self.per_step = ft["batch_size"] * processes * ft["gradient_accumulation_steps"]
 
-    def _draw(self, g: torch.Generator, n: int):
-        latents = torch.randn((n, *self.shape), generator=g) * self.scale
+    def _noise(self, g: torch.Generator, n: int):
         noise = torch.randn((n, *self.shape), generator=g)
         timesteps = torch.randint(0, self.num_timesteps, (n,), generator=g)
-        return latents, noise, timesteps
+        return noise, timesteps
+
+    def _from_pool(self, g: torch.Generator, kind: str, n: int) -> Batch:
+        pool = self.pool[kind]
+        idx = torch.randint(0, len(pool.prompts), (n,), generator=g).tolist()
+        return Batch(
+            [pool.prompts[i] for i in idx],
+            [pool.concepts[i] for i in idx],
+            pool.latents[idx],
+            *self._noise(g, n),
+        )
+
+    def prompts(self, g: torch.Generator, n: int, single: bool = False):
+        """n (prompt, concepts) draws of the mode's grammar."""
+        ft = self.ft
+        concepts, templates = ft["concepts"], ft["templates"]
+        if single:
+            idx = torch.randint(0, len(concepts), (n,), generator=g).tolist()
+            return (
+                [_format(ft["single_template"], [concepts[i]]) for i in idx],
+                [[concepts[i]] for i in idx],
+            )
+        if ft["mode"] == "pairs":
+            return [_format(templates[0], concepts)] * n, [list(concepts)] * n
+        prompts, picked = [], []
+        for _ in range(n):
+            i, j = torch.randperm(len(concepts), generator=g)[:2].tolist()
+            t = int(torch.randint(0, len(templates), (1,), generator=g))
+            picked.append([concepts[i], concepts[j]])
+            prompts.append(_format(templates[t], picked[-1]))
+        return prompts, picked
+
+    def _draw(self, g: torch.Generator, n: int, single: bool) -> Batch:
+        if self.pool is not None:
+            return self._from_pool(g, "single" if single else "pair", n)
+        prompts, picked = self.prompts(g, n, single)
+        latents = torch.randn((n, *self.shape), generator=g) * self.scale
+        return Batch(prompts, picked, latents, *self._noise(g, n))
 
     def step(self, step: int, micro: int, rank: int) -> tuple[Batch, Batch | None]:
         ft, n = self.ft, self.per_step
         g = torch.Generator().manual_seed(ft["seed"] * 1_000_003 + step)
-        concepts, templates = ft["concepts"], ft["templates"]
-        if ft["mode"] == "pairs":
-            picked = [list(concepts)] * n
-            prompts = [_format(templates[0], concepts)] * n
-        else:
-            picked, prompts = [], []
-            for _ in range(n):
-                i, j = torch.randperm(len(concepts), generator=g)[:2].tolist()
-                t = int(torch.randint(0, len(templates), (1,), generator=g))
-                picked.append([concepts[i], concepts[j]])
-                prompts.append(_format(templates[t], picked[-1]))
-        pair = Batch(prompts, picked, *self._draw(g, n))
-        single = None
-        if ft["_norm_loss"]:
-            idx = torch.randint(0, len(concepts), (n,), generator=g).tolist()
-            single = Batch(
-                [_format(ft["single_template"], [concepts[i]]) for i in idx],
-                [[concepts[i]] for i in idx],
-                *self._draw(g, n),
-            )
+        pair = self._draw(g, n, single=False)
+        single = self._draw(g, n, single=True) if ft["_norm_loss"] else None
         lo = (micro * self.processes + rank) * ft["batch_size"]
         hi = lo + ft["batch_size"]
         return _slice(pair, lo, hi), (_slice(single, lo, hi) if single else None)
+
+
+def base_sample_pool(
+    pipe, sampler: SignalSampler, size: int, sampling: dict, seed: int, norm_loss: bool
+) -> dict[str, Batch]:
+    """Latents the base model generates for `size` prompts of each kind (pair, single)."""
+    g = torch.Generator().manual_seed(seed + 7)
+    pool = {}
+    for kind in ["pair"] + (["single"] if norm_loss else []):
+        prompts, concepts = sampler.prompts(g, size, single=kind == "single")
+        latents = []
+        for lo in range(0, size, sampling["batch_size"]):
+            chunk = prompts[lo : lo + sampling["batch_size"]]
+            gens = [
+                torch.Generator().manual_seed(seed + 100_000 + lo + k) for k in range(len(chunk))
+            ]
+            with torch.no_grad():
+                out = pipe(
+                    chunk,
+                    num_inference_steps=sampling["steps"],
+                    guidance_scale=sampling["guidance_scale"],
+                    generator=gens,
+                    output_type="latent",
+                )
+            latents.append(out.images.float().cpu())
+        empty = torch.zeros(0)
+        pool[kind] = Batch(prompts, concepts, torch.cat(latents), empty, empty)
+    return pool
 
 
 def _slice(b: Batch, lo: int, hi: int) -> Batch:
@@ -219,13 +277,7 @@ def find_checkpoint(output_dir: Path, resume: str | None) -> Path | None:
 
 
 def encode(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
-    ids = tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)
+    ids = prompt_ids(tokenizer, prompts).to(device)
     with torch.no_grad():
         return text_encoder(ids)[0]
 
@@ -296,6 +348,17 @@ def main(args: argparse.Namespace) -> Path:
         pipe.vae.config.scaling_factor,
         accelerator.num_processes,
     )
+    if ft["signal"] == "base_samples":
+        log.info(
+            "generating %d base-model samples per prompt kind for the training signal",
+            ft["signal_pool"],
+        )
+        pipe.to(device)
+        store.enabled = False
+        sampler.pool = base_sample_pool(
+            pipe, sampler, ft["signal_pool"], config["sampling"], ft["seed"], ft["_norm_loss"]
+        )
+        store.enabled = True
     del pipe
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(

@@ -89,6 +89,17 @@ def concept_token_positions(tokenizer, prompt: str, concepts: Sequence[str]) -> 
     return positions
 
 
+def prompt_ids(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids of `prompts`, padded and truncated to the tokenizer's maximum length."""
+    return tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
 def aggregate_token_maps(
     maps: torch.Tensor, positions: Sequence[Sequence[int]], how: str = "mean"
 ) -> torch.Tensor:

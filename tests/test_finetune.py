@@ -41,6 +41,27 @@ def config(tmp_path, tiny_model):
     return write
 
 
+def _launch(launcher: list[str], config_path, out):
+    """`sepen finetune` under a multi-process launcher, one thread per process."""
+    return subprocess.run(
+        [
+            *launcher,
+            "-m",
+            "sepen",
+            "finetune",
+            "--config",
+            str(config_path),
+            "--out",
+            str(out),
+            "--cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
 def _run(*argv):
     return main(parse_args([str(a) for a in argv] + ["--cpu"]))
 
@@ -142,8 +163,7 @@ def test_signal_is_the_same_for_any_split_of_the_global_batch():
 
 
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(config, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(
+    two = _launch(
         [
             sys.executable,
             "-m",
@@ -152,19 +172,9 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(config,
             "2",
             "--master_port",
             "29517",
-            "-m",
-            "sepen",
-            "finetune",
-            "--config",
-            str(config(batch_size=1)),
-            "--out",
-            str(tmp_path / "two.safetensors"),
-            "--cpu",
         ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+        config(batch_size=1),
+        tmp_path / "two.safetensors",
     )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "trained weights identical on 2 process(es)" in two.stderr
@@ -248,7 +258,7 @@ def test_bf16_mixed_precision_trains_with_finite_losses(config, tmp_path):
 
 @pytest.mark.slow
 def test_accelerate_launch_multi_gpu_on_cpu_runs_two_gloo_processes(config, tmp_path):
-    done = subprocess.run(
+    done = _launch(
         [
             "accelerate",
             "launch",
@@ -257,20 +267,51 @@ def test_accelerate_launch_multi_gpu_on_cpu_runs_two_gloo_processes(config, tmp_
             "2",
             "--main_process_port",
             "29523",
-            "-m",
-            "sepen",
-            "finetune",
-            "--config",
-            str(config(batch_size=1)),
-            "--out",
-            str(tmp_path / "acc.safetensors"),
-            "--cpu",
         ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        config(batch_size=1),
+        tmp_path / "acc.safetensors",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "global batch 2, 2 process(es)" in done.stderr
     assert "trained weights identical on 2 process(es)" in done.stderr
+
+
+def test_base_sample_signal_draws_prompts_and_latents_from_the_pool(config, tmp_path):
+    from sepen.finetune import Batch
+
+    ft = dict(
+        mode="joint",
+        concepts=["a", "b", "c"],
+        templates=["{} and {}"],
+        single_template="{}",
+        seed=0,
+        batch_size=2,
+        gradient_accumulation_steps=1,
+        _norm_loss=False,
+    )
+    pool = {
+        "pair": Batch(
+            ["a and b", "c and a"],
+            [["a", "b"], ["c", "a"]],
+            torch.stack([torch.zeros(4, 2, 2), torch.ones(4, 2, 2)]),
+            torch.zeros(0),
+            torch.zeros(0),
+        )
+    }
+    sampler = SignalSampler(ft, (4, 2, 2), 1000, 0.18, processes=1, pool=pool)
+    for step in range(5):
+        pair, _ = sampler.step(step, 0, 0)
+        for prompt, latent in zip(pair.prompts, pair.latents):
+            assert latent.eq(0.0 if prompt == "a and b" else 1.0).all()
+    # end to end: the pool is sampled from the tiny model, then trained on
+    out = _run(
+        "--config",
+        config(signal="base_samples", signal_pool=3),
+        "--set",
+        "sampling.steps=2",
+        "--set",
+        "sampling.batch_size=2",
+        "--out",
+        tmp_path / "b.safetensors",
+    )
+    assert load_file(str(out))

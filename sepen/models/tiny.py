@@ -21,6 +21,24 @@ SD_SCHEDULER = dict(
 )
 
 
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
+    """A StableDiffusionPipeline from its parts, without safety checker or progress bars."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_unet_config(sample_size: int = 16, cross_attention_dim: int = 32) -> dict:
     return dict(
         sample_size=sample_size,
@@ -41,7 +59,6 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 16, cross_attention_di
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
-        StableDiffusionPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -76,18 +93,7 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 16, cross_attention_di
     scheduler = DDIMScheduler(
         **SD_SCHEDULER, clip_sample=False, set_alpha_to_one=False, steps_offset=1
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
 
 
 def save_tiny_pipeline(path: str | Path, seed: int = 0, **kwargs) -> Path:

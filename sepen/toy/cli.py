@@ -5,7 +5,11 @@ from __future__ import annotations
 import importlib
 import sys
 
-STEPS = {"pretrain": "sepen.toy.pretrain", "evaluate": "sepen.toy.evaluate"}
+STEPS = {
+    "pretrain": "sepen.toy.pretrain",
+    "evaluate": "sepen.toy.evaluate",
+    "study": "sepen.toy.study",
+}
 
 
 def cli(argv=None) -> int:

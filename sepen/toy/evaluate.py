@@ -36,10 +36,19 @@ def generate(
     return np.concatenate(out)
 
 
+def image_scores(images: np.ndarray, named: Sequence[Sequence[str]]) -> list[dict[str, float]]:
+    """Per-image outcomes (success, hit_rate, spurious, exact_count) from the exact detector."""
+    return [score_image(detect(im), names) for im, names in zip(images, named)]
+
+
+def rates(rows: list[dict[str, float]]) -> dict[str, dict]:
+    """Each outcome's rate over images with its bootstrap 95% CI."""
+    return {k: bootstrap_ci([r[k] for r in rows]) for k in rows[0]}
+
+
 def score(images: np.ndarray, named: Sequence[Sequence[str]]) -> dict[str, dict]:
     """Rates with bootstrap 95% CIs over images: success, hit_rate, spurious, exact_count."""
-    rows = [score_image(detect(im), names) for im, names in zip(images, named)]
-    return {k: bootstrap_ci([r[k] for r in rows]) for k in rows[0]}
+    return rates(image_scores(images, named))
 
 
 def _cell_fractions(mask: np.ndarray, side: int) -> np.ndarray:
@@ -65,7 +74,7 @@ def attention_share(
     the other object.
     """
     from sepen.attention import install_capture
-    from sepen.tokens import concept_token_positions
+    from sepen.tokens import concept_token_positions, prompt_ids
     from sepen.toy.world import CONCEPTS, place, render, shape_mask
 
     unet, vae, tok = pipe.unet, pipe.vae, pipe.tokenizer
@@ -81,13 +90,7 @@ def attention_share(
         image = render(objects)
         prompt = f"a photo of a {pair[0]} and a {pair[1]}"
         positions = concept_token_positions(tok, prompt, pair)
-        ids = tok(
-            [prompt],
-            padding="max_length",
-            max_length=tok.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        ids = prompt_ids(tok, [prompt])
         x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
         with torch.no_grad():
             emb = pipe.text_encoder(ids)[0]
@@ -114,6 +117,58 @@ def attention_share(
     return {"own": float(np.mean(own)), "other": float(np.mean(other)), "n": len(own)}
 
 
+def evaluation_prompts(toy: dict, n_images: int, seed: int = 0) -> dict[str, list[list[str]]]:
+    """Named concepts of each evaluation image, by kind; every option gets its share."""
+    rng = np.random.default_rng(seed)
+    kinds = {
+        "single": [[c] for c in toy["concepts"]],
+        "trained_pairs": toy["_trained_pairs"],
+        "held_out_pairs": toy["_held_out_pairs"],
+    }
+    out = {}
+    for kind, options in kinds.items():
+        named = [list(options[i % len(options)]) for i in range(n_images)]
+        out[kind] = [named[i] for i in rng.permutation(n_images)]
+    return out
+
+
+def sample_and_score(pipe, named: dict[str, list[list[str]]], sampling: dict, seed: int = 0):
+    """Per-image scores and images of one method, by kind; image i of a kind has seed + i."""
+    from sepen.toy.world import prompt_for
+
+    rows, images = {}, {}
+    for kind, concepts in named.items():
+        ims = generate(
+            pipe,
+            [prompt_for(c) for c in concepts],
+            list(range(seed, seed + len(concepts))),
+            sampling["steps"],
+            sampling["guidance_scale"],
+            sampling["batch_size"],
+        )
+        rows[kind], images[kind] = image_scores(ims, concepts), ims
+    return rows, images
+
+
+def compare(rows: dict[str, dict[str, list]]) -> dict:
+    """Rates per method and kind, and the paired difference of each method to 'base'."""
+    from sepen.stats import paired_difference
+
+    out = {}
+    for kind in rows["base"]:
+        entry = {m: rates(r[kind]) for m, r in rows.items()}
+        for m, r in rows.items():
+            if m != "base":
+                entry[f"{m}_minus_base"] = {
+                    k: paired_difference(
+                        [x[k] for x in r[kind]], [x[k] for x in rows["base"][kind]]
+                    )
+                    for k in r[kind][0]
+                }
+        out[kind] = entry
+    return out
+
+
 def evaluate(
     config: dict,
     model: str,
@@ -129,60 +184,31 @@ def evaluate(
     """
     from sepen.delta import apply_delta
     from sepen.models import load_pipeline
-    from sepen.stats import paired_difference
-    from sepen.toy.detect import detect, score_image
     from sepen.toy.pretrain import prepare_world
-    from sepen.toy.world import prompt_for
 
     toy = prepare_world(config)
-    sampling = config["sampling"]
     methods = {"base": load_pipeline(model)}
     if delta:
         methods["sepen"] = load_pipeline(model)
         apply_delta(methods["sepen"], delta)
-    rng = np.random.default_rng(seed)
-    kinds = {
-        "single": [[c] for c in toy["concepts"]],
-        "trained_pairs": toy["_trained_pairs"],
-        "held_out_pairs": toy["_held_out_pairs"],
-    }
-    metrics: dict = {"n_images": n_images, "methods": list(methods), "kinds": {}}
-    images: dict[str, np.ndarray] = {}
-    for kind, options in kinds.items():
-        # cycle through the prompts so that every pair gets its share of images
-        named = [list(options[i % len(options)]) for i in range(n_images)]
-        order = rng.permutation(n_images)
-        named = [named[i] for i in order]
-        prompts = [prompt_for(c) for c in named]
-        seeds = list(range(seed, seed + n_images))
-        rows = {}
-        for method, pipe in methods.items():
-            ims = generate(
-                pipe,
-                prompts,
-                seeds,
-                sampling["steps"],
-                sampling["guidance_scale"],
-                sampling["batch_size"],
-            )
-            images[f"{method}/{kind}"] = ims
-            rows[method] = [score_image(detect(im), c) for im, c in zip(ims, named)]
-        entry = {m: {k: bootstrap_ci([r[k] for r in rs]) for k in rs[0]} for m, rs in rows.items()}
-        if "sepen" in rows:
-            entry["sepen_minus_base"] = {
-                k: paired_difference([r[k] for r in rows["sepen"]], [r[k] for r in rows["base"]])
-                for k in rows["base"][0]
-            }
-        metrics["kinds"][kind] = entry
+    named = evaluation_prompts(toy, n_images, seed)
+    rows, images = {}, {}
+    for method, pipe in methods.items():
+        rows[method], ims = sample_and_score(pipe, named, config["sampling"], seed)
+        images.update({f"{method}/{kind}": v for kind, v in ims.items()})
+    metrics: dict = {"n_images": n_images, "methods": list(methods), "kinds": compare(rows)}
     if premise_scenes:
         metrics["attention_share"] = {
-            m: {
-                kind: attention_share(p, toy[f"_{kind}"], premise_scenes)
-                for kind in ("trained_pairs", "held_out_pairs")
-            }
-            for m, p in methods.items()
+            m: premise(p, toy, premise_scenes) for m, p in methods.items()
         }
     return metrics, images
+
+
+def premise(pipe, toy: dict, scenes: int) -> dict:
+    return {
+        kind: attention_share(pipe, toy[f"_{kind}"], scenes)
+        for kind in ("trained_pairs", "held_out_pairs")
+    }
 
 
 def image_grid(images: dict[str, np.ndarray], per_row: int = 8, scale: int = 4) -> np.ndarray:

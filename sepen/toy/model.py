@@ -11,6 +11,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from sepen.models.tiny import assemble_pipeline
 from sepen.toy.world import CONCEPTS
 
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -41,12 +42,7 @@ def build_tokenizer(concepts=None, max_length: int = 16) -> PreTrainedTokenizerF
 def build_toy_pipeline(cfg: dict, seed: int = 0):
     """An untrained toy pipeline from the `toy.model` config section."""
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     m = cfg
@@ -99,15 +95,4 @@ def build_toy_pipeline(cfg: dict, seed: int = 0):
         clip_sample=False,
         set_alpha_to_one=False,
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)

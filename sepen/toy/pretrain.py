@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from sepen.config import load_config
 from sepen.errors import SepenError
+from sepen.tokens import prompt_ids
 from sepen.toy.model import build_toy_pipeline
 from sepen.toy.world import pair_split, prompt_for, scene_batch
 
@@ -109,13 +110,7 @@ def train_denoiser(pipe, rng, toy: dict, pre: dict, progress: bool) -> list[floa
             if (scheduler.config.prediction_type == "v_prediction")
             else noise
         )
-        ids = tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        ids = prompt_ids(tokenizer, prompts)
         pred = unet(noisy, t, text_encoder(ids)[0]).sample
         loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)

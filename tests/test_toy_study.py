@@ -1,0 +1,92 @@
+import json
+
+import pytest
+import yaml
+
+from sepen.errors import ConfigError
+from sepen.toy.study import markdown_table, read_grid, run_study
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ([], "must be a non-empty list"),
+        ([{"name": "a b"}], "study cell name 'a b'"),
+        ([{"name": "base"}], "study cell name 'base'"),
+        ([{"name": "x"}, {"name": "x"}], "repeats a cell name"),
+        ([{"name": "x", "set": [1]}], "'set' must map config keys"),
+    ],
+)
+def test_bad_grid_is_rejected(tmp_path, grid, message):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    with pytest.raises(ConfigError, match=message):
+        read_grid(path)
+
+
+def test_markdown_table_shows_rates_and_paired_changes():
+    def ci(mean):
+        return {"success": {"mean": mean, "lo": mean - 0.1, "hi": mean + 0.1, "n": 10}}
+
+    results = {
+        kind: {"base": ci(0.5), "s": ci(0.7), "s_minus_base": ci(0.2)}
+        for kind in ("held_out_pairs", "trained_pairs", "single")
+    }
+    shares = {m: {"held_out_pairs": {"own": 0.25}} for m in ("base", "s")}
+    table = markdown_table(
+        results, [{"name": "s", "set": {"finetune.learning_rate": 1e-4}}], shares
+    )
+    lines = table.splitlines()
+    assert lines[2].startswith("| base | - | 0.500 [0.400, 0.600] |  |")
+    assert lines[3].startswith(
+        "| s | learning_rate=0.0001 | 0.700 [0.600, 0.800] | 0.200 [0.100, 0.300] |"
+    )
+    assert lines[3].endswith("| 0.250 |")
+
+
+def test_study_runs_a_cell_and_reuses_its_delta(tmp_path):
+    from sepen.config import validate_config
+    from sepen.toy.pretrain import pretrain
+
+    tiny = {
+        "toy": {
+            "model": {"channels": [8, 16, 16], "text_width": 16, "vae_channels": 8},
+            "pretrain": {
+                "vae_steps": 2,
+                "steps": 3,
+                "batch_size": 4,
+                "validation_images": 0,
+                "warmup_steps": 1,
+            },
+        }
+    }
+    pretrain(validate_config(tiny), tmp_path / "base", progress=False)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                **tiny,
+                "model": {"pretrained": str(tmp_path / "base")},
+                "sampling": {"steps": 2, "guidance_scale": 2.0},
+                "finetune": {
+                    "mode": "joint",
+                    "concepts": ["circle", "square", "star"],
+                    "image_size": 32,
+                    "resolutions": [16],
+                    "steps": 2,
+                    "batch_size": 2,
+                },
+            }
+        )
+    )
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump([{"name": "lr", "set": {"finetune.learning_rate": 1e-3}}]))
+    study = run_study(config, grid, tmp_path / "study", n_images=2, premise_scenes=1)
+    assert set(study["results"]) == {"single", "trained_pairs", "held_out_pairs"}
+    assert "lr_minus_base" in study["results"]["held_out_pairs"]
+    assert json.loads((tmp_path / "study" / "study.json").read_text())["n_images"] == 2
+    assert "| lr | learning_rate=0.001 |" in (tmp_path / "study" / "study.md").read_text()
+    delta = tmp_path / "study" / "lr" / "delta.safetensors"
+    stamp = delta.stat().st_mtime_ns
+    run_study(config, grid, tmp_path / "study", n_images=2, premise_scenes=1)
+    assert delta.stat().st_mtime_ns == stamp  # finished cells are not trained again
