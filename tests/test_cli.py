@@ -43,9 +43,29 @@ def test_tiny_model_step_then_finetune_from_the_console_script(tmp_path):
     assert (tmp_path / "d.safetensors").stat().st_size > 0
 
 
-@pytest.mark.parametrize("path", ["config/tiny.yaml", "config/sd14_pair.yaml"])
-def test_shipped_configs_validate(path):
-    assert load_config(ROOT / path)["finetune"]["mode"] == "pairs"
+@pytest.mark.parametrize(
+    "path, mode",
+    [
+        ("config/tiny.yaml", "pairs"),
+        ("config/sd14_pair.yaml", "pairs"),
+        ("config/config.yaml", "joint"),
+    ],
+)
+def test_shipped_configs_validate(path, mode):
+    assert load_config(ROOT / path)["finetune"]["mode"] == mode
+
+
+def test_shipped_toy_model_matches_the_default_config():
+    import json
+
+    from sepen.toy.pretrain import prepare_world
+
+    config = load_config(ROOT / "config/config.yaml")
+    summary = json.loads((ROOT / config["model"]["pretrained"] / "sepen_toy.json").read_text())
+    toy = prepare_world(config)
+    assert summary["held_out_pairs"] == toy["_held_out_pairs"]
+    assert summary["config"]["pretrain"] == config["toy"]["pretrain"]
+    assert summary["config"]["model"] == config["toy"]["model"]
 
 
 def test_config_defaults_are_the_papers_per_pair_settings():

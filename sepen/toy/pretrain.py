@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +165,7 @@ def prepare_world(config: dict) -> dict:
 def pretrain(config: dict, out: Path, progress: bool = True) -> dict:
     toy = prepare_world(config)
     pre = toy["pretrain"]
+    started = time.perf_counter()
     torch.manual_seed(pre["seed"])
     rng = np.random.default_rng(pre["seed"])
     pipe = build_toy_pipeline(toy["model"], seed=pre["seed"])
@@ -179,6 +181,7 @@ def pretrain(config: dict, out: Path, progress: bool = True) -> dict:
             "held_out_pairs": toy["_held_out_pairs"],
             "autoencoder_mse": recon,
             "final_loss": float(np.mean(losses[-50:])),
+            "training_seconds": round(time.perf_counter() - started, 1),
             "config": {k: v for k, v in toy.items() if not k.startswith("_")},
         }
         if pre["validation_images"]:
