@@ -166,7 +166,13 @@ class SignalSampler:
 
 
 def base_sample_pool(
-    pipe, sampler: SignalSampler, size: int, sampling: dict, seed: int, norm_loss: bool
+    pipe,
+    sampler: SignalSampler,
+    size: int,
+    sampling: dict,
+    seed: int,
+    norm_loss: bool,
+    show_progress: bool = False,
 ) -> dict[str, Batch]:
     """Latents the base model generates for `size` prompts of each kind (pair, single)."""
     g = torch.Generator().manual_seed(seed + 7)
@@ -174,7 +180,12 @@ def base_sample_pool(
     for kind in ["pair"] + (["single"] if norm_loss else []):
         prompts, concepts = sampler.prompts(g, size, single=kind == "single")
         latents = []
-        for lo in range(0, size, sampling["batch_size"]):
+        for lo in tqdm(
+            range(0, size, sampling["batch_size"]),
+            desc=f"signal pool ({kind})",
+            disable=not show_progress,
+            mininterval=10,
+        ):
             chunk = prompts[lo : lo + sampling["batch_size"]]
             gens = [
                 torch.Generator().manual_seed(seed + 100_000 + lo + k) for k in range(len(chunk))
@@ -356,7 +367,13 @@ def main(args: argparse.Namespace) -> Path:
         pipe.to(device)
         store.enabled = False
         sampler.pool = base_sample_pool(
-            pipe, sampler, ft["signal_pool"], config["sampling"], ft["seed"], ft["_norm_loss"]
+            pipe,
+            sampler,
+            ft["signal_pool"],
+            config["sampling"],
+            ft["seed"],
+            ft["_norm_loss"],
+            show_progress=accelerator.is_local_main_process,
         )
         store.enabled = True
     del pipe

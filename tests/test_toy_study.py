@@ -90,3 +90,12 @@ def test_study_runs_a_cell_and_reuses_its_delta(tmp_path):
     stamp = delta.stat().st_mtime_ns
     run_study(config, grid, tmp_path / "study", n_images=2, premise_scenes=1)
     assert delta.stat().st_mtime_ns == stamp  # finished cells are not trained again
+
+
+def test_evaluate_rejects_a_non_positive_image_count(tmp_path, capsys):
+    from sepen.toy.evaluate import cli
+
+    code = cli(["--model", str(tmp_path / "m"), "--images", "0", "--out", str(tmp_path / "x")])
+    assert code == 2
+    assert "--images 0 must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

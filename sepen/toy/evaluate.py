@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from sepen.stats import bootstrap_ci
 from sepen.toy.detect import detect, score_image
@@ -18,10 +19,12 @@ def generate(
     steps: int,
     guidance: float,
     batch_size: int = 32,
+    desc: str | None = None,
 ) -> np.ndarray:
     """uint8 images (n, h, w, 3), image i from prompt i with its own seeded generator."""
     out = []
-    for lo in range(0, len(prompts), batch_size):
+    batches = range(0, len(prompts), batch_size)
+    for lo in tqdm(batches, desc=desc or "sampling", disable=desc is None, mininterval=10):
         chunk = list(prompts[lo : lo + batch_size])
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds[lo : lo + batch_size]]
         with torch.no_grad():
@@ -145,6 +148,7 @@ def sample_and_score(pipe, named: dict[str, list[list[str]]], sampling: dict, se
             sampling["steps"],
             sampling["guidance_scale"],
             sampling["batch_size"],
+            desc=f"sampling {kind}",
         )
         rows[kind], images[kind] = image_scores(ims, concepts), ims
     return rows, images
