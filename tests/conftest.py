@@ -38,3 +38,29 @@ def tiny_pipe(tiny_model):
     from sepen.models import load_pipeline
 
     return load_pipeline(tiny_model)
+
+
+# A toy-world model small enough to pretrain in seconds (sepen.toy).
+TINY_TOY = {
+    "toy": {
+        "model": {"channels": [8, 16, 16], "text_width": 16, "vae_channels": 8},
+        "pretrain": {
+            "vae_steps": 2,
+            "steps": 3,
+            "batch_size": 4,
+            "validation_images": 0,
+            "warmup_steps": 1,
+        },
+    }
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_toy_model(tmp_path_factory):
+    """A pretrained tiny toy-world pipeline folder (deterministic, seed 0)."""
+    from sepen.config import validate_config
+    from sepen.toy.pretrain import pretrain
+
+    path = tmp_path_factory.mktemp("toy") / "base"
+    pretrain(validate_config(TINY_TOY), path, progress=False)
+    return path

@@ -1,5 +1,8 @@
+import json
+
 import numpy as np
 import torch
+from conftest import TINY_TOY as TINY
 from safetensors.torch import load_file
 
 from sepen.config import validate_config
@@ -21,20 +24,6 @@ def test_toy_tokenizer_and_token_mapper_agree():
             assert pos == [[5], [8]]  # <bos> a photo of a A with a B <eos>
     assert tok("A Photo of a CIRCLE").input_ids == tok("a photo of a circle").input_ids
     assert tok("a photo of a unicorn").input_ids[5] == tok.unk_token_id
-
-
-TINY = {
-    "toy": {
-        "model": {"channels": [8, 16, 16], "text_width": 16, "vae_channels": 8},
-        "pretrain": {
-            "vae_steps": 2,
-            "steps": 3,
-            "batch_size": 4,
-            "validation_images": 0,
-            "warmup_steps": 1,
-        },
-    }
-}
 
 
 def test_pretraining_is_deterministic_for_a_seed(tmp_path):
@@ -61,14 +50,13 @@ def test_pretraining_is_deterministic_for_a_seed(tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-def test_pretrained_toy_model_loads_as_a_stable_diffusion_pipeline(tmp_path):
+def test_pretrained_toy_model_loads_as_a_stable_diffusion_pipeline(tiny_toy_model):
     from sepen.models import load_pipeline
     from sepen.toy.evaluate import generate
-    from sepen.toy.pretrain import pretrain
 
-    summary = pretrain(validate_config(TINY), tmp_path / "m", progress=False)
+    summary = json.loads((tiny_toy_model / "sepen_toy.json").read_text())
     assert len(summary["held_out_pairs"]) == 8
-    pipe = load_pipeline(tmp_path / "m")
+    pipe = load_pipeline(tiny_toy_model)
     prompt = "a photo of a star with a ring"
     assert pipe.tokenizer(prompt).input_ids == build_tokenizer()(prompt).input_ids
     assert pipe.tokenizer.model_max_length == 16
@@ -86,10 +74,8 @@ def test_cell_fractions_average_the_mask_over_each_cell():
     assert _cell_fractions(mask, 2).tolist() == [[0.75, 0.0], [0.0, 1.0]]
 
 
-def test_sepen_on_the_toy_model_end_to_end(tmp_path):
+def test_sepen_on_the_toy_model_end_to_end(tmp_path, tiny_toy_model):
     """Pretrain (tiny) -> SepEn finetune (joint, norm loss) -> evaluate with paired seeds."""
-    import json
-
     import yaml
 
     from sepen.delta import save_delta, unet_delta_tensors
@@ -97,17 +83,14 @@ def test_sepen_on_the_toy_model_end_to_end(tmp_path):
     from sepen.finetune import parse_args
     from sepen.models import load_pipeline
     from sepen.toy.evaluate import cli as evaluate_cli
-    from sepen.toy.pretrain import pretrain
     from sepen.trainable import prepare_trainable, trainable_layers
 
-    config = validate_config(TINY)
-    pretrain(config, tmp_path / "base", progress=False)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
         yaml.safe_dump(
             {
                 **TINY,
-                "model": {"pretrained": str(tmp_path / "base")},
+                "model": {"pretrained": str(tiny_toy_model)},
                 "sampling": {"steps": 2, "guidance_scale": 2.0},
                 "finetune": {
                     "mode": "joint",
@@ -131,7 +114,7 @@ def test_sepen_on_the_toy_model_end_to_end(tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     assert delta.is_file()
     # a delta that holds the base weights themselves changes nothing: differences are exactly 0
-    base = load_pipeline(tmp_path / "base")
+    base = load_pipeline(tiny_toy_model)
     prepare_trainable(base.unet, trainable_layers(base.unet, [], True), "to_k")
     save_delta(
         tmp_path / "same.safetensors",
@@ -147,7 +130,7 @@ def test_sepen_on_the_toy_model_end_to_end(tmp_path):
                 "--config",
                 str(cfg),
                 "--model",
-                str(tmp_path / "base"),
+                str(tiny_toy_model),
                 "--delta",
                 str(tmp_path / f"{name}.safetensors"),
                 "--images",

@@ -44,29 +44,15 @@ def test_markdown_table_shows_rates_and_paired_changes():
     assert lines[3].endswith("| 0.250 |")
 
 
-def test_study_runs_a_cell_and_reuses_its_delta(tmp_path):
-    from sepen.config import validate_config
-    from sepen.toy.pretrain import pretrain
+def test_study_runs_a_cell_and_reuses_its_delta(tmp_path, tiny_toy_model):
+    from conftest import TINY_TOY as tiny
 
-    tiny = {
-        "toy": {
-            "model": {"channels": [8, 16, 16], "text_width": 16, "vae_channels": 8},
-            "pretrain": {
-                "vae_steps": 2,
-                "steps": 3,
-                "batch_size": 4,
-                "validation_images": 0,
-                "warmup_steps": 1,
-            },
-        }
-    }
-    pretrain(validate_config(tiny), tmp_path / "base", progress=False)
     config = tmp_path / "c.yaml"
     config.write_text(
         yaml.safe_dump(
             {
                 **tiny,
-                "model": {"pretrained": str(tmp_path / "base")},
+                "model": {"pretrained": str(tiny_toy_model)},
                 "sampling": {"steps": 2, "guidance_scale": 2.0},
                 "finetune": {
                     "mode": "joint",

@@ -120,16 +120,20 @@ def attention_share(
     return {"own": float(np.mean(own)), "other": float(np.mean(other)), "n": len(own)}
 
 
-def evaluation_prompts(toy: dict, n_images: int, seed: int = 0) -> dict[str, list[list[str]]]:
-    """Named concepts of each evaluation image, by kind; every option gets its share."""
-    rng = np.random.default_rng(seed)
-    kinds = {
+def prompt_kinds(toy: dict) -> dict[str, list[list[str]]]:
+    """The concept lists evaluated: single objects, trained pairs, held-out pairs."""
+    return {
         "single": [[c] for c in toy["concepts"]],
         "trained_pairs": toy["_trained_pairs"],
         "held_out_pairs": toy["_held_out_pairs"],
     }
+
+
+def evaluation_prompts(toy: dict, n_images: int, seed: int = 0) -> dict[str, list[list[str]]]:
+    """Named concepts of each evaluation image, by kind; every option gets its share."""
+    rng = np.random.default_rng(seed)
     out = {}
-    for kind, options in kinds.items():
+    for kind, options in prompt_kinds(toy).items():
         named = [list(options[i % len(options)]) for i in range(n_images)]
         out[kind] = [named[i] for i in rng.permutation(n_images)]
     return out

@@ -131,16 +131,11 @@ def train_denoiser(pipe, rng, toy: dict, pre: dict, progress: bool) -> list[floa
 
 def validate(pipe, toy: dict, sampling: dict, n: int, seed: int = 10_000) -> dict:
     """Exact-detector rates (with 95% CIs) for single objects, trained and held-out pairs."""
-    from sepen.toy.evaluate import generate, score
+    from sepen.toy.evaluate import generate, prompt_kinds, score
 
     rng = np.random.default_rng(seed)
-    kinds = {
-        "single": [[c] for c in toy["concepts"]],
-        "trained_pairs": toy["_trained_pairs"],
-        "held_out_pairs": toy["_held_out_pairs"],
-    }
     results = {}
-    for kind, options in kinds.items():
+    for kind, options in prompt_kinds(toy).items():
         named = [list(options[i]) for i in rng.integers(0, len(options), n)]
         prompts = [prompt_for(c) for c in named]
         images = generate(
