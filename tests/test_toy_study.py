@@ -85,3 +85,28 @@ def test_evaluate_rejects_a_non_positive_image_count(tmp_path, capsys):
     assert code == 2
     assert "--images 0 must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_pretrain_rejects_an_unknown_concept_before_training(tmp_path, capsys):
+    from sepen.toy.pretrain import cli
+
+    code = cli(["--set", "toy.concepts=[circle, unicorn, star]", "--out", str(tmp_path / "m")])
+    assert code == 2
+    assert "config key toy.concepts.1 = 'unicorn' is invalid" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_pretrain_replaces_an_existing_model_folder(tiny_toy_model, tmp_path):
+    import shutil
+
+    from conftest import TINY_TOY
+
+    from sepen.config import validate_config
+    from sepen.toy.pretrain import pretrain
+
+    out = tmp_path / "m"
+    shutil.copytree(tiny_toy_model, out)
+    (out / "stale.txt").write_text("from an older run")
+    pretrain(validate_config(TINY_TOY), out, progress=False)
+    assert not (out / "stale.txt").exists() and (out / "model_index.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]

@@ -184,9 +184,12 @@ def pretrain(config: dict, out: Path, progress: bool = True) -> dict:
                 pipe, toy, config["sampling"], pre["validation_images"]
             )
         (tmp / "sepen_toy.json").write_text(json.dumps(summary, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
+        old = out.with_name(f".{out.name}.old") if out.exists() else None
+        if old is not None:  # the previous model stays whole until the new one is in place
+            os.replace(out, old)
         os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -208,7 +211,7 @@ def cli(argv=None) -> int:
     setup_logging()
     try:
         config = load_config(args.config, args.set)
-        summary = pretrain(config, args.out, progress=sys.stderr.isatty() or True)
+        summary = pretrain(config, args.out, progress=True)
     except SepenError as err:
         print(f"sepen toy pretrain: error: {err}", file=sys.stderr)
         return 2
