@@ -24,6 +24,7 @@ from sepen.attention import install_capture
 from sepen.config import load_config
 from sepen.errors import SepenError
 from sepen.losses import norm_loss, total_loss
+from sepen.sampling import sample
 from sepen.tokens import aggregate_token_maps, concept_token_positions, prompt_ids
 
 log = logging.getLogger("sepen.finetune")
@@ -179,28 +180,19 @@ def base_sample_pool(
     pool = {}
     for kind in ["pair"] + (["single"] if norm_loss else []):
         prompts, concepts = sampler.prompts(g, size, single=kind == "single")
-        latents = []
-        for lo in tqdm(
-            range(0, size, sampling["batch_size"]),
-            desc=f"signal pool ({kind})",
-            disable=not show_progress,
-            mininterval=10,
-        ):
-            chunk = prompts[lo : lo + sampling["batch_size"]]
-            gens = [
-                torch.Generator().manual_seed(seed + 100_000 + lo + k) for k in range(len(chunk))
-            ]
-            with torch.no_grad():
-                out = pipe(
-                    chunk,
-                    num_inference_steps=sampling["steps"],
-                    guidance_scale=sampling["guidance_scale"],
-                    generator=gens,
-                    output_type="latent",
-                )
-            latents.append(out.images.float().cpu())
+        first = seed + 100_000
+        latents = sample(
+            pipe,
+            prompts,
+            range(first, first + size),
+            sampling["steps"],
+            sampling["guidance_scale"],
+            sampling["batch_size"],
+            output_type="latent",
+            desc=f"signal pool ({kind})" if show_progress else None,
+        )
         empty = torch.zeros(0)
-        pool[kind] = Batch(prompts, concepts, torch.cat(latents), empty, empty)
+        pool[kind] = Batch(prompts, concepts, latents, empty, empty)
     return pool
 
 

@@ -64,3 +64,18 @@ def tiny_toy_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("toy") / "base"
     pretrain(validate_config(TINY_TOY), path, progress=False)
     return path
+
+
+def write_toy_config(path, model, **finetune):
+    """A config file for the tiny toy model: 2 sampling steps, 2 joint finetuning steps."""
+    import yaml
+
+    ft = {"mode": "joint", "image_size": 32, "steps": 2, "batch_size": 2, **finetune}
+    config = {
+        **TINY_TOY,
+        "model": {"pretrained": str(model)},
+        "sampling": {"steps": 2, "guidance_scale": 2.0},
+        "finetune": ft,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import torch
 from conftest import TINY_TOY as TINY
+from conftest import write_toy_config
 from safetensors.torch import load_file
 
 from sepen.config import validate_config
@@ -76,8 +77,6 @@ def test_cell_fractions_average_the_mask_over_each_cell():
 
 def test_sepen_on_the_toy_model_end_to_end(tmp_path, tiny_toy_model):
     """Pretrain (tiny) -> SepEn finetune (joint, norm loss) -> evaluate with paired seeds."""
-    import yaml
-
     from sepen.delta import save_delta, unet_delta_tensors
     from sepen.finetune import main as finetune
     from sepen.finetune import parse_args
@@ -85,25 +84,13 @@ def test_sepen_on_the_toy_model_end_to_end(tmp_path, tiny_toy_model):
     from sepen.toy.evaluate import cli as evaluate_cli
     from sepen.trainable import prepare_trainable, trainable_layers
 
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                **TINY,
-                "model": {"pretrained": str(tiny_toy_model)},
-                "sampling": {"steps": 2, "guidance_scale": 2.0},
-                "finetune": {
-                    "mode": "joint",
-                    "concepts": list(CONCEPTS),
-                    "image_size": 32,
-                    "resolutions": [16, 8],
-                    "steps": 2,
-                    "batch_size": 2,
-                    "learning_rate": 1e-3,
-                    "log_every": 1,
-                },
-            }
-        )
+    cfg = write_toy_config(
+        tmp_path / "c.yaml",
+        tiny_toy_model,
+        concepts=list(CONCEPTS),
+        resolutions=[16, 8],
+        learning_rate=1e-3,
+        log_every=1,
     )
     from accelerate.state import AcceleratorState
 

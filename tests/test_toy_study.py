@@ -45,25 +45,13 @@ def test_markdown_table_shows_rates_and_paired_changes():
 
 
 def test_study_runs_a_cell_and_reuses_its_delta(tmp_path, tiny_toy_model):
-    from conftest import TINY_TOY as tiny
+    from conftest import write_toy_config
 
-    config = tmp_path / "c.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                **tiny,
-                "model": {"pretrained": str(tiny_toy_model)},
-                "sampling": {"steps": 2, "guidance_scale": 2.0},
-                "finetune": {
-                    "mode": "joint",
-                    "concepts": ["circle", "square", "star"],
-                    "image_size": 32,
-                    "resolutions": [16],
-                    "steps": 2,
-                    "batch_size": 2,
-                },
-            }
-        )
+    config = write_toy_config(
+        tmp_path / "c.yaml",
+        tiny_toy_model,
+        concepts=["circle", "square", "star"],
+        resolutions=[16],
     )
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump([{"name": "lr", "set": {"finetune.learning_rate": 1e-3}}]))

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from sepen.sampling import sample
 from sepen.stats import bootstrap_ci
 from sepen.toy.detect import detect, score_image
 
@@ -22,21 +22,8 @@ def generate(
     desc: str | None = None,
 ) -> np.ndarray:
     """uint8 images (n, h, w, 3), image i from prompt i with its own seeded generator."""
-    out = []
-    batches = range(0, len(prompts), batch_size)
-    for lo in tqdm(batches, desc=desc or "sampling", disable=desc is None, mininterval=10):
-        chunk = list(prompts[lo : lo + batch_size])
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds[lo : lo + batch_size]]
-        with torch.no_grad():
-            images = pipe(
-                chunk,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                generator=gens,
-                output_type="np",
-            ).images
-        out.append(np.clip(np.round(images * 255), 0, 255).astype(np.uint8))
-    return np.concatenate(out)
+    images = sample(pipe, prompts, seeds, steps, guidance, batch_size, "np", desc)
+    return np.clip(np.round(images * 255), 0, 255).astype(np.uint8)
 
 
 def image_scores(images: np.ndarray, named: Sequence[Sequence[str]]) -> list[dict[str, float]]:
