@@ -6,9 +6,15 @@ import importlib
 import sys
 
 STEPS = {
+    "concepts": ("sepen.plan:concepts_cli", "concept lists with seen/unseen splits"),
+    "prompts": ("sepen.plan:prompts_cli", "prompt sets, seeds and models to finetune (the plan)"),
     "finetune": ("sepen.finetune", "SepEn finetuning of the cross-attention keys"),
+    "sample": ("sepen.sample", "images of one method for one shard of prompts (resumable)"),
+    "metrics": ("sepen.metrics", "per-image metrics of one sampling shard"),
+    "aggregate": ("sepen.aggregate", "per-set metrics with bootstrap CIs and paired differences"),
+    "report": ("sepen.report", "the report's tables and figures"),
     "tiny-model": ("sepen.models.tiny", "save a tiny random SD-architecture pipeline"),
-    "toy": ("sepen.toy.cli", "the toy world: `sepen toy pretrain` trains its base model"),
+    "toy": ("sepen.toy.cli", "the toy world: pretrain, evaluate, premise, study"),
 }
 
 
@@ -22,8 +28,8 @@ def main(argv=None) -> int:
             print(f"\nsepen: error: unknown step {argv[0]!r}", file=sys.stderr)
             return 2
         return 0 if argv else 2
-    module = importlib.import_module(STEPS[argv[0]][0])
-    return module.cli(argv[1:])
+    module, _, func = STEPS[argv[0]][0].partition(":")
+    return getattr(importlib.import_module(module), func or "cli")(argv[1:])
 
 
 if __name__ == "__main__":

@@ -48,6 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--model", help="base model: hub id or local folder (model.pretrained)")
     p.add_argument("--concepts", nargs="+", help="override finetune.concepts")
+    p.add_argument(
+        "--plan", type=Path, help="a plan of `sepen prompts`: take the concepts of --model-id"
+    )
+    p.add_argument("--model-id", help="which of the plan's models to train (with --plan)")
+    p.add_argument("--losses-out", type=Path, help="copy the loss log (CSV) here at the end")
     p.add_argument("--out", type=Path, required=True, help="the delta file (.safetensors)")
     p.add_argument(
         "--output-dir",
@@ -279,6 +284,32 @@ def find_checkpoint(output_dir: Path, resume: str | None) -> Path | None:
     return found[-1] if found else None
 
 
+def run_settings(config: dict) -> dict:
+    """What a checkpoint depends on: the base model and every finetuning setting.
+
+    Keys that only change speed or bookkeeping (checkpoint interval, logging) are left out, so
+    changing them keeps the checkpoints.
+    """
+    ft = {
+        k: v
+        for k, v in config["finetune"].items()
+        if k not in ("checkpointing_steps", "checkpoints_total_limit", "log_every")
+    }
+    sampling = {k: config["sampling"][k] for k in ("steps", "guidance_scale")}
+    return {"model": config["model"], "finetune": ft, "sampling": sampling}
+
+
+def stale_checkpoints(output_dir: Path, settings: dict) -> bool:
+    """True (and the old checkpoints removed) when `output_dir` holds another run's state."""
+    stamp = output_dir / "run_settings.json"
+    found = list(output_dir.glob("checkpoint-*"))
+    if stamp.is_file() and json.loads(stamp.read_text()) == settings:
+        return False
+    for old in found:  # every process may get here: ignore what another removed first
+        shutil.rmtree(old, ignore_errors=True)
+    return bool(found)
+
+
 def encode(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
     ids = prompt_ids(tokenizer, prompts).to(device)
     with torch.no_grad():
@@ -303,11 +334,27 @@ def main(args: argparse.Namespace) -> Path:
         overrides.append(f"model.pretrained={json.dumps(args.model)}")
     if args.concepts:
         overrides.append(f"finetune.concepts={json.dumps(args.concepts)}")
+    if args.plan is not None or args.model_id is not None:
+        from sepen.plan import read_plan
+
+        if args.plan is None or args.model_id is None:
+            raise SepenError("--plan and --model-id go together: give both or neither")
+        models = read_plan(args.plan)["models"]
+        if args.model_id not in models:
+            raise SepenError(
+                f"model id {args.model_id!r} is not in plan {str(args.plan)!r}; "
+                f"it has {sorted(models)[:5]}{' ...' if len(models) > 5 else ''}"
+            )
+        concepts = models[args.model_id]["concepts"]
+        overrides.append(f"finetune.concepts={json.dumps(concepts)}")
     config = load_config(args.config, overrides)
     ft = dict(config["finetune"])
     ft["_norm_loss"] = ft["norm_loss"] if ft["norm_loss"] is not None else ft["mode"] == "joint"
     out = Path(args.out)
     output_dir = Path(args.output_dir) if args.output_dir else out.with_suffix(".state")
+    settings = run_settings(config)
+    if args.resume == "latest" and stale_checkpoints(output_dir, settings):
+        log.warning("checkpoints in %s are from other settings: starting from step 0", output_dir)
     checkpoint = find_checkpoint(output_dir, args.resume)
     start_step = int(checkpoint.name.split("-")[1]) if checkpoint else 0
 
@@ -332,6 +379,10 @@ def main(args: argparse.Namespace) -> Path:
         project_config=ProjectConfiguration(project_dir=str(output_dir)),
     )
     device = accelerator.device
+    if accelerator.is_main_process:
+        from sepen.atomic import write_json
+
+        write_json(output_dir / "run_settings.json", settings)
 
     pipe = load_pipeline(config["model"]["pretrained"], config["model"]["revision"])
     tokenizer, text_encoder, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
@@ -517,6 +568,10 @@ def main(args: argparse.Namespace) -> Path:
             lora_scale=1.0 if ft["trainable"] == "lora" else None,
         )
         log.info("wrote %s", out)
+        if args.losses_out is not None:
+            from sepen.atomic import write_bytes
+
+            write_bytes(args.losses_out, (output_dir / "losses.csv").read_bytes())
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out

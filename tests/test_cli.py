@@ -47,8 +47,11 @@ def test_tiny_model_step_then_finetune_from_the_console_script(tmp_path):
     "path, mode",
     [
         ("config/tiny.yaml", "pairs"),
-        ("config/sd14_pair.yaml", "pairs"),
+        ("config/sd14_pairs.yaml", "pairs"),
+        ("config/sd21_pairs.yaml", "pairs"),
+        ("config/sd14_joint.yaml", "joint"),
         ("config/config.yaml", "joint"),
+        ("config/test/smoke.yaml", "joint"),
     ],
 )
 def test_shipped_configs_validate(path, mode):
@@ -58,14 +61,13 @@ def test_shipped_configs_validate(path, mode):
 def test_shipped_toy_model_matches_the_default_config():
     import json
 
-    from sepen.toy.pretrain import prepare_world
+    from sepen.toy.pretrain import prepare_world, world_settings
 
     config = load_config(ROOT / "config/config.yaml")
     summary = json.loads((ROOT / config["model"]["pretrained"] / "sepen_toy.json").read_text())
     toy = prepare_world(config)
     assert summary["held_out_pairs"] == toy["_held_out_pairs"]
-    assert summary["config"]["pretrain"] == config["toy"]["pretrain"]
-    assert summary["config"]["model"] == config["toy"]["model"]
+    assert summary["config"] == world_settings(toy)  # every setting the model depends on
 
 
 def test_config_defaults_are_the_papers_per_pair_settings():

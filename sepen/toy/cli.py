@@ -9,6 +9,7 @@ STEPS = {
     "pretrain": "sepen.toy.pretrain",
     "evaluate": "sepen.toy.evaluate",
     "study": "sepen.toy.study",
+    "premise": "sepen.toy.premise",
 }
 
 

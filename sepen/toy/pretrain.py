@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sepen.command import run_step, step_parser
 from sepen.config import load_config
-from sepen.errors import SepenError
 from sepen.tokens import prompt_ids
 from sepen.toy.model import build_toy_pipeline
 from sepen.toy.world import pair_split, prompt_for, scene_batch
@@ -157,6 +156,14 @@ def prepare_world(config: dict) -> dict:
     return toy
 
 
+def world_settings(toy: dict) -> dict:
+    """The toy settings a base model depends on (not the workflow's switches and checks)."""
+    keep = ("concepts", "held_out_pairs", "split_seed", "radius", "pair_fraction", "model")
+    out = {k: toy[k] for k in keep}
+    out["pretrain"] = {k: v for k, v in toy["pretrain"].items() if k != "run"}
+    return out
+
+
 def pretrain(config: dict, out: Path, progress: bool = True) -> dict:
     toy = prepare_world(config)
     pre = toy["pretrain"]
@@ -177,7 +184,7 @@ def pretrain(config: dict, out: Path, progress: bool = True) -> dict:
             "autoencoder_mse": recon,
             "final_loss": float(np.mean(losses[-50:])),
             "training_seconds": round(time.perf_counter() - started, 1),
-            "config": {k: v for k, v in toy.items() if not k.startswith("_")},
+            "config": world_settings(toy),
         }
         if pre["validation_images"]:
             summary["validation"] = validate(
@@ -197,24 +204,13 @@ def pretrain(config: dict, out: Path, progress: bool = True) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sepen toy pretrain", description=__doc__.split("\n")[0])
-    p.add_argument("--config", type=Path)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p = step_parser("sepen toy pretrain", __doc__.split("\n")[0], config_required=False)
     p.add_argument("--out", type=Path, required=True, help="folder for the saved pipeline")
     return p.parse_args(argv)
 
 
-def cli(argv=None) -> int:
-    from sepen.logs import setup_logging
-
-    args = parse_args(argv)
-    setup_logging()
-    try:
-        config = load_config(args.config, args.set)
-        summary = pretrain(config, args.out, progress=True)
-    except SepenError as err:
-        print(f"sepen toy pretrain: error: {err}", file=sys.stderr)
-        return 2
+def main(args: argparse.Namespace) -> dict:
+    summary = pretrain(load_config(args.config, args.set), args.out, progress=True)
     for kind, rates in summary.get("validation", {}).items():
         s = rates["success"]
         log.info(
@@ -225,4 +221,9 @@ def cli(argv=None) -> int:
             s["hi"],
             s["n"],
         )
-    return 0
+    return summary
+
+
+def cli(argv=None) -> int:
+    args = parse_args(argv)
+    return run_step("sepen toy pretrain", lambda: main(args))

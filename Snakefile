@@ -1,0 +1,42 @@
+# sepen: Separate-and-Enhance as a cached DAG. `snakemake --cores all` runs the default
+# experiment (config/config.yaml, the toy world); `--configfile config/<paper>.yaml` the
+# paper's. Each rule calls one `sepen` command; dvc.yaml calls the same ones.
+from snakemake.utils import min_version, validate
+
+from sepen.config import validate_config
+
+min_version("9.0")
+
+
+# the default experiment; a --configfile given on the command line replaces it (paper and test
+# configs are complete, not layered over the toy world)
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+# sepen's check first: its message names the bad key, its value and what is allowed
+CFG = validate_config(config)
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/plan.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/sample.smk"
+include: "workflow/rules/metrics.smk"
+include: "workflow/rules/toy.smk"
+include: "workflow/rules/report.smk"
+
+
+report: "workflow/report/workflow.rst"
+
+
+rule all:
+    default_target: True
+    input:
+        [f"{R}/metrics.json", f"{R}/report/metrics.html"] if METRICS else [],
+        f"{R}/report/samples.png",
+        f"{R}/report/losses.png" if "sepen" in METHODS else [],
+        f"{R}/report/attention.png",

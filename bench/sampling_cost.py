@@ -1,0 +1,159 @@
+"""Sampling cost per image: stock pipeline vs the same with a SepEn delta vs Attend-and-Excite.
+
+Random weights, so no download: `--arch sd14` builds the Stable Diffusion 1.4 architecture
+(UNet, CLIP ViT-L/14 text encoder, VAE) at 512 px; `--arch tiny` the tiny test model. Each
+method samples the same prompt and seed; the median of `--repeats` timed runs (after one
+warm-up) is reported with its ratio to the stock pipeline. Prints a table; `--json` writes it.
+
+    python bench/sampling_cost.py --arch sd14 --device cuda --dtype float16     # a GPU
+    python bench/sampling_cost.py --arch tiny --steps 4 --repeats 1             # CPU, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def sd14_pipeline(seed: int = 0):
+    """Stable Diffusion 1.4's architecture (diffusers' defaults are SD 1.x) with random weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sepen.models import build_clip_tokenizer
+    from sepen.models.tiny import SD_SCHEDULER, assemble_pipeline
+
+    tokenizer = build_clip_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+        )
+    )
+    scheduler = DDIMScheduler(
+        **SD_SCHEDULER, clip_sample=False, set_alpha_to_one=False, steps_offset=1
+    )
+    return assemble_pipeline(vae, text, tokenizer, unet, scheduler)
+
+
+def random_delta(pipe, folder: Path) -> Path:
+    """A to_k delta for every cross-attention layer (values perturbed, shapes exact)."""
+    from sepen.delta import save_delta
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {
+        n: p.detach().float().cpu() + 1e-3 * torch.randn(p.shape, generator=g)
+        for n, p in pipe.unet.named_parameters()
+        if n.endswith("attn2.to_k.weight")
+    }
+    return save_delta(
+        folder / "delta.safetensors",
+        tensors,
+        base_model="random",
+        revision=None,
+        trainable="to_k",
+        config={},
+    )
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def run(arch: str, steps: int, repeats: int, device: str, dtype: str) -> dict:
+    from sepen.delta import apply_delta
+    from sepen.models import resolve_dtype
+    from sepen.models.tiny import build_tiny_pipeline
+    from sepen.sample import attend_excite_pipeline, sample_attend_excite
+
+    pipe = sd14_pipeline() if arch == "sd14" else build_tiny_pipeline()
+    pipe = pipe.to(device, resolve_dtype(dtype))
+    pipe.set_progress_bar_config(disable=True)
+    prompt = {"prompt": "a photo of a cat and a dog", "concepts": ["cat", "dog"]}
+    sp = {"steps": steps, "guidance_scale": 6.0}
+    ae_cfg = {"max_iter_to_alter": min(25, steps // 2), "scale_factor": 20, "attention_res": 16}
+
+    def stock():
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            pipe(
+                prompt["prompt"],
+                num_inference_steps=steps,
+                guidance_scale=6.0,
+                generator=g,
+                output_type="np",
+            )
+
+    results = {"arch": arch, "device": device, "dtype": dtype, "steps": steps}
+    results["stock_s"] = timed(stock, repeats, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        apply_delta(pipe, random_delta(pipe, Path(tmp)))
+    results["sepen_s"] = timed(stock, repeats, device)  # the same call, keys replaced
+    ae = attend_excite_pipeline(pipe)
+    results["attend_excite_s"] = timed(
+        lambda: sample_attend_excite(ae, prompt, [0], sp, ae_cfg), repeats, device
+    )
+    if device == "cuda":
+        results["card"] = torch.cuda.get_device_name()
+    for k in ("sepen", "attend_excite"):
+        results[f"{k}_vs_stock"] = results[f"{k}_s"] / results["stock_s"]
+    return results
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", choices=["sd14", "tiny"], default="sd14")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+    r = run(args.arch, args.steps, args.repeats, args.device, args.dtype)
+    print(
+        f"sampling cost per image, {r['arch']} architecture, {r['steps']} steps, "
+        f"{r['device']} ({r.get('card', 'cpu')}), {r['dtype']}"
+    )
+    print(f"{'method':<16}{'seconds':>10}{'x stock':>10}")
+    print(f"{'stock diffusers':<16}{r['stock_s']:>10.3f}{1.0:>10.2f}")
+    print(f"{'+ SepEn delta':<16}{r['sepen_s']:>10.3f}{r['sepen_vs_stock']:>10.2f}")
+    print(f"{'Attend-Excite':<16}{r['attend_excite_s']:>10.3f}{r['attend_excite_vs_stock']:>10.2f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(r, indent=2))
+    return r
+
+
+if __name__ == "__main__":
+    main()

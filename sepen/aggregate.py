@@ -1,0 +1,159 @@
+"""`sepen aggregate`: per-prompt, per-set and overall metrics with bootstrap 95% CIs.
+
+Every method is sampled with the same prompts and seeds, so each method's difference to the
+base model is paired per (prompt, seed) and bootstrapped as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from sepen.atomic import write_json, write_text
+from sepen.command import run_step, step_parser
+from sepen.config import load_config
+from sepen.errors import SepenError
+from sepen.plan import read_plan
+from sepen.stats import bootstrap_ci, paired_difference
+
+OVERALL = "overall"
+
+
+def collect(shards: list[dict]) -> dict[str, dict[tuple[str, int], dict]]:
+    """Rows by method, keyed by (prompt id, seed); a repeated image is an error."""
+    out: dict[str, dict] = {}
+    for shard in shards:
+        rows = out.setdefault(shard["method"], {})
+        for r in shard["rows"]:
+            key = (r["prompt_id"], int(r["seed"]))
+            if key in rows:
+                raise SepenError(f"image {key} of method {shard['method']!r} appears twice")
+            rows[key] = {k: v for k, v in r.items() if k not in ("prompt_id", "seed")}
+    return out
+
+
+def _values(rows: dict, keys: list, metric: str) -> list[float]:
+    return [float(rows[k][metric]) for k in keys]
+
+
+def aggregate(plan: dict, rows: dict[str, dict], n_boot: int = 2000) -> dict:
+    """{'methods', 'metrics', 'sets': {set: {method: {metric: ci}}},
+    'differences': {set: {method: {metric: ci}}}, 'prompts': {...}}; 'overall' is a set."""
+    methods = list(rows)
+    if not methods:
+        raise SepenError("no metric rows to aggregate: list the shards' metric files")
+    metrics = sorted({m for r in rows[methods[0]].values() for m in r})
+    sets = dict(plan["sets"])
+    sets[OVERALL] = plan["order"]
+    expected = {(pid, s) for pid in plan["order"] for s in plan["seeds"]}
+    for method, r in rows.items():
+        if set(r) != expected:
+            raise SepenError(
+                f"method {method!r} has {len(r)} scored images, the plan has {len(expected)}: "
+                f"score every shard before aggregating"
+            )
+    out: dict = {
+        "methods": methods,
+        "metrics": metrics,
+        "sets": {},
+        "differences": {},
+        "prompts": {},
+    }
+    for name, pids in sets.items():
+        keys = [(pid, s) for pid in pids for s in plan["seeds"]]
+        out["sets"][name] = {
+            m: {k: bootstrap_ci(_values(rows[m], keys, k), n_boot=n_boot) for k in metrics}
+            for m in methods
+        }
+        if "base" in rows:
+            out["differences"][name] = {
+                m: {
+                    k: paired_difference(
+                        _values(rows[m], keys, k), _values(rows["base"], keys, k), n_boot=n_boot
+                    )
+                    for k in metrics
+                }
+                for m in methods
+                if m != "base"
+            }
+    for pid in plan["order"]:
+        keys = [(pid, s) for s in plan["seeds"]]
+        out["prompts"][pid] = {
+            "prompt": plan["prompts"][pid]["prompt"],
+            **{m: {k: float(np.mean(_values(rows[m], keys, k))) for k in metrics} for m in methods},
+        }
+    return out
+
+
+def summary_rows(result: dict) -> list[dict]:
+    """One row per prompt set and method (and '<method>-base' difference): each metric's mean
+    and CI bounds, for `dvc plots` and spreadsheets."""
+    rows = []
+    for name, by_method in result["sets"].items():
+        entries = list(by_method.items())
+        entries += [(f"{m}-base", v) for m, v in result["differences"].get(name, {}).items()]
+        for m, values in entries:
+            row = {"set": name, "method": m, "group": f"{name}/{m}"}
+            for k, ci in values.items():
+                row.update({k: ci["mean"], f"{k}_lo": ci["lo"], f"{k}_hi": ci["hi"]})
+            rows.append(row)
+    return rows
+
+
+def dvc_metrics(result: dict) -> dict:
+    """Compact nested means for `dvc metrics show`: {set: {method: {metric: mean}}}."""
+    out: dict = {}
+    for name, by_method in result["sets"].items():
+        out[name] = {
+            m: {k: round(v["mean"], 4) for k, v in vals.items()} for m, vals in by_method.items()
+        }
+        for m, vals in result["differences"].get(name, {}).items():
+            out[name][f"{m}-base"] = {k: round(v["mean"], 4) for k, v in vals.items()}
+    return out
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["set"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = step_parser("sepen aggregate", __doc__.split("\n")[0])
+    p.add_argument("--plan", type=Path, required=True)
+    p.add_argument(
+        "--metrics", type=Path, nargs="+", required=True, help="metric files of the shards"
+    )
+    p.add_argument("--out", type=Path, required=True, help="full results (JSON)")
+    p.add_argument("--dvc-metrics", type=Path, help="compact means for `dvc metrics` (JSON)")
+    p.add_argument("--table", type=Path, help="flat table for `dvc plots` (CSV)")
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> dict:
+    config = load_config(args.config, args.set)
+    plan = read_plan(args.plan)
+    missing = [str(p) for p in args.metrics if not p.is_file()]
+    if missing:
+        raise SepenError(f"metric files missing: {missing[:3]}: run `sepen metrics` first")
+    shards = [json.loads(p.read_text()) for p in args.metrics]
+    result = aggregate(plan, collect(shards), config["evaluation"]["bootstrap"])
+    result["models"] = next((s["models"] for s in shards if s.get("models")), {})
+    write_json(args.out, result)
+    if args.dvc_metrics:
+        write_json(args.dvc_metrics, dvc_metrics(result))
+    if args.table:
+        _write_csv(args.table, summary_rows(result))
+    return result
+
+
+def cli(argv=None) -> int:
+    args = parse_args(argv)
+    return run_step("sepen aggregate", lambda: main(args))

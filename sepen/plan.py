@@ -1,0 +1,251 @@
+"""Concept lists and the evaluation plan: prompt sets, seeds, finetuned models, shards.
+
+Pure functions of the config and the data files, so that `sepen concepts`/`sepen prompts` write
+them as artifacts and the Snakefile computes the same jobs from them at DAG-construction time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+
+from sepen.atomic import write_json
+from sepen.command import run_step, step_parser
+from sepen.config import load_config, read_yaml
+from sepen.errors import ConfigError, SepenError
+
+PLAN_FORMAT = "sepen-plan-1"
+log = logging.getLogger("sepen.plan")
+
+
+def slugify(text: str, max_chars: int = 60) -> str:
+    """A file-name-safe, collision-free name for a prompt or concept tuple.
+
+    Lower-case letters, digits and '-' from the text (at most `max_chars`), then '_' and the
+    first 8 hex digits of the text's SHA-1, so that texts differing only in case, punctuation or
+    beyond the cut still get different names.
+    """
+    readable = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_chars].strip("-")
+    digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+    return f"{readable or 'x'}_{digest}"
+
+
+def find_concepts(prompt: str, vocabulary: list[str]) -> list[str]:
+    """Concepts of `vocabulary` named in `prompt` (whole words), in order of appearance.
+
+    Longer names claim text first ("wine glass" before "glass").
+    """
+    taken: list[tuple[int, int, str]] = []
+    for name in sorted(set(vocabulary), key=len, reverse=True):
+        pattern = re.compile(rf"(?<![A-Za-z0-9]){re.escape(name)}(?![A-Za-z0-9])", re.IGNORECASE)
+        for m in pattern.finditer(prompt):
+            if all(m.end() <= a or m.start() >= b for a, b, _ in taken):
+                taken.append((m.start(), m.end(), name))
+    return [name for _, _, name in sorted(taken)]
+
+
+def _read_text(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"data file {path!r} does not exist: copy it from the project's data/ folder "
+            f"or point the config (evaluation.prompt_file / concept_file) at it"
+        )
+    return p.read_text()
+
+
+def _read_data(path: str) -> dict:
+    return read_yaml(_read_text(path)) or {}
+
+
+def concept_lists(config: dict) -> dict:
+    """The experiment's concepts: {'source', 'concepts', 'splits': {'seen', 'unseen'}, ...}.
+
+    'seen' concepts are those finetuning may use (joint mode); 'unseen' ones are held out.
+    The toy world adds its trained and held-out pairs.
+    """
+    ev = config["evaluation"]
+    source = ev["prompts"]
+    if source == "toy":
+        from sepen.toy.pretrain import prepare_world
+
+        toy = prepare_world(config)
+        concepts = list(toy["concepts"])
+        return {
+            "source": source,
+            "concepts": concepts,
+            "splits": {"seen": concepts, "unseen": []},
+            "pairs": {"trained": toy["_trained_pairs"], "held_out": toy["_held_out_pairs"]},
+        }
+    if source == "attend_excite":
+        data = _read_data(ev["prompt_file"])
+        vocab = data.get("vocabulary") or {}
+        if not vocab.get("animals") and not vocab.get("objects"):
+            raise ConfigError(
+                f"{ev['prompt_file']!r} has no vocabulary.animals/objects lists: give the "
+                f"Attend-and-Excite prompt file (data/attend_excite_prompts.yaml)"
+            )
+        concepts = list(vocab.get("animals", [])) + list(vocab.get("objects", []))
+        return {"source": source, "concepts": concepts, "splits": {"seen": concepts, "unseen": []}}
+    data = _read_data(ev["concept_file"])
+    seen = [c for k, v in data.items() if k.endswith("_train") for c in v]
+    unseen = [c for k, v in data.items() if k.endswith("_test") for c in v]
+    if not seen:
+        raise ConfigError(
+            f"{ev['concept_file']!r} has no '*_train' concept lists: give the large-scale "
+            f"concept file (data/large_scale_concepts.yaml)"
+        )
+    return {"source": source, "concepts": seen + unseen, "splits": {"seen": seen, "unseen": unseen}}
+
+
+def _prompt_sets(config: dict, concepts: dict) -> dict[str, list[tuple[str, list[str]]]]:
+    ev = config["evaluation"]
+    source = concepts["source"]
+    if source == "toy":
+        from sepen.toy.world import prompt_for
+
+        return {
+            "single": [(prompt_for([c]), [c]) for c in concepts["concepts"]],
+            "trained_pairs": [(prompt_for(p), list(p)) for p in concepts["pairs"]["trained"]],
+            "held_out_pairs": [(prompt_for(p), list(p)) for p in concepts["pairs"]["held_out"]],
+        }
+    if source == "attend_excite":
+        raw = _read_data(ev["prompt_file"]).get("prompts") or {}
+        sets = {
+            name: [(p, find_concepts(p, concepts["concepts"])) for p in ps]
+            for name, ps in raw.items()
+        }
+    else:
+        lines = str(_read_text(ev["prompt_file"])).splitlines()
+        seen = set(concepts["splits"]["seen"])
+        sets = {"seen_seen": [], "seen_unseen": [], "unseen_unseen": []}
+        for line in (x.strip() for x in lines):
+            if not line:
+                continue
+            named = find_concepts(line, concepts["concepts"])
+            n_seen = sum(c in seen for c in named)
+            key = ["unseen_unseen", "seen_unseen", "seen_seen"][min(n_seen, 2)]
+            sets[key].append((line, named))
+    for name, items in sets.items():
+        for prompt, named in items:
+            if len(named) < 2:
+                raise ConfigError(
+                    f"prompt {prompt!r} of set {name!r} names {named} - fewer than two known "
+                    f"concepts: fix the prompt or add its concepts to the concept lists"
+                )
+    return sets
+
+
+def build_plan(config: dict, concepts: dict | None = None) -> dict:
+    """Prompt sets, seeds and models of an experiment.
+
+    Returns {'format', 'experiment', 'seeds', 'sets': {set: [prompt id]}, 'prompts': {id:
+    {'prompt', 'concepts', 'model'}}, 'models': {model id: {'concepts': [...]}}, 'order': [ids]}.
+    In pairs mode every distinct concept tuple of the multi-object prompts gets its own model;
+    in joint mode one model 'joint' is trained on the seen concepts.
+    """
+    concepts = concepts or concept_lists(config)
+    ev, ft = config["evaluation"], config["finetune"]
+    sets = _prompt_sets(config, concepts)
+    if ev["sets"]:
+        unknown = sorted(set(ev["sets"]) - set(sets))
+        if unknown:
+            raise ConfigError(
+                f"evaluation.sets names unknown prompt sets {unknown}; "
+                f"this source has {sorted(sets)}"
+            )
+        sets = {k: v for k, v in sets.items() if k in ev["sets"]}
+    prompts: dict[str, dict] = {}
+    models: dict[str, dict] = {}
+    if ft["mode"] == "joint":
+        models["joint"] = {"concepts": list(concepts["splits"]["seen"])}
+    set_ids: dict[str, list[str]] = {}
+    for name, items in sets.items():
+        ids = []
+        for prompt, named in items:
+            pid = slugify(prompt)
+            if pid not in prompts:
+                model = None
+                if len(named) >= 2:
+                    if ft["mode"] == "joint":
+                        model = "joint"
+                    else:
+                        model = slugify("+".join(named))
+                        models.setdefault(model, {"concepts": list(named)})
+                elif ft["mode"] == "joint":
+                    model = "joint"
+                prompts[pid] = {"prompt": prompt, "concepts": list(named), "model": model}
+            ids.append(pid)
+        set_ids[name] = ids
+    order = list(dict.fromkeys(pid for ids in set_ids.values() for pid in ids))
+    start = ev["seed"]
+    return {
+        "format": PLAN_FORMAT,
+        "experiment": config["experiment"],
+        "seeds": list(range(start, start + ev["images_per_prompt"])),
+        "sets": set_ids,
+        "prompts": prompts,
+        "models": models,
+        "order": order,
+    }
+
+
+def shard_prompts(plan: dict, shard: int, shards: int) -> list[str]:
+    """Prompt ids of one shard: round-robin over the plan's prompt order."""
+    if not 0 <= shard < shards:
+        raise SepenError(f"shard {shard} is outside 0..{shards - 1}: give --shard below --shards")
+    return plan["order"][shard::shards]
+
+
+def read_plan(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise SepenError(f"plan file {str(p)!r} does not exist: run `sepen prompts` first")
+    plan = json.loads(p.read_text())
+    if plan.get("format") != PLAN_FORMAT:
+        raise SepenError(f"{str(p)!r} is not a sepen prompt plan (format {PLAN_FORMAT})")
+    return plan
+
+
+def concepts_cli(argv=None) -> int:
+    """`sepen concepts`: the experiment's concept lists with their seen/unseen splits."""
+    p = step_parser("sepen concepts", "Concept lists with their seen/unseen splits.")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+
+    def body():
+        write_json(args.out, concept_lists(load_config(args.config, args.set)))
+
+    return run_step("sepen concepts", body)
+
+
+def prompts_cli(argv=None) -> int:
+    """`sepen prompts`: prompt sets, seeds and the models to finetune (the plan)."""
+    p = step_parser("sepen prompts", "Prompt sets, seeds and the models to finetune.")
+    p.add_argument("--concepts", type=Path, required=True, help="concepts.json of `sepen concepts`")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+
+    def body():
+        if not args.concepts.is_file():
+            raise SepenError(
+                f"concepts file {str(args.concepts)!r} does not exist: run `sepen concepts`"
+            )
+        config = load_config(args.config, args.set)
+        plan = build_plan(config, json.loads(args.concepts.read_text()))
+        if config["evaluation"]["metrics"]:  # the first job: a missing metric model stops the
+            from sepen.evaluators import preflight  # DAG here, before any sampling
+
+            preflight(config)
+        write_json(args.out, plan)
+        log.info(
+            "%d prompts x %d seeds, %d model(s)",
+            len(plan["order"]),
+            len(plan["seeds"]),
+            len(plan["models"]),
+        )
+
+    return run_step("sepen prompts", body)

@@ -1,0 +1,310 @@
+"""`sepen sample`: images of one method for one shard of the plan's prompts, resumable.
+
+Image (prompt p, seed s) goes to `<images-dir>/<p>/seed-<s>.png`, written atomically; images
+already there are kept, so an interrupted shard re-run generates only the missing ones. The
+shard's manifest (JSON) lists every image and how many were generated in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sepen.atomic import write_bytes, write_json
+from sepen.command import run_step, step_parser
+from sepen.config import load_config
+from sepen.errors import SepenError
+from sepen.plan import read_plan, shard_prompts
+
+log = logging.getLogger("sepen.sample")
+
+
+def image_path(images_dir: Path, prompt_id: str, seed: int) -> Path:
+    return Path(images_dir) / prompt_id / f"seed-{seed:05d}.png"
+
+
+def is_complete(path: Path) -> bool:
+    """A finished image: exists and decodes (a half-written file is regenerated)."""
+    if not path.is_file():
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except Exception:  # noqa: BLE001 - any decoding failure means "not finished"
+        return False
+
+
+def save_png(array, path: Path) -> None:
+    """Save a float image in [0, 1] (h, w, 3) as PNG atomically."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.clip(np.round(np.asarray(array) * 255), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    write_bytes(path, buf.getvalue())
+
+
+def device_and_dtype(sampling: dict) -> tuple[str, str]:
+    device = sampling["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SepenError(
+            "sampling.device is 'cuda' but no CUDA device is visible: use 'auto' or 'cpu'"
+        )
+    dtype = sampling["dtype"]
+    if dtype == "auto":
+        dtype = "float16" if device == "cuda" else "float32"
+    return device, dtype
+
+
+class DeltaSwitcher:
+    """Applies one finetuned delta at a time to a pipeline, restoring the base weights between."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.saved: dict[str, torch.Tensor] = {}
+        self.current: str | None = None
+
+    def _names(self, path: Path) -> set[str]:
+        from sepen.delta import read_delta
+
+        tensors, _ = read_delta(path)
+        return {k.rsplit(".lora_", 1)[0] + ".weight" if ".lora_" in k else k for k in tensors}
+
+    def use(self, path: Path | None) -> None:
+        key = str(path) if path else None
+        if key == self.current:
+            return
+        params = dict(self.pipe.unet.named_parameters())
+        with torch.no_grad():
+            for name, value in self.saved.items():
+                params[name].copy_(value)
+        if path is not None:
+            from sepen.delta import apply_delta
+
+            for name in self._names(path) - set(self.saved):
+                if name in params:
+                    self.saved[name] = params[name].detach().clone()
+            apply_delta(self.pipe, path)
+        self.current = key
+
+
+def file_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_fingerprint(model: str, revision: str | None) -> object:
+    """A hub id with its revision, or a local folder's file list with sizes and times."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return [model, revision]
+    return sorted(
+        (str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
+        for f in folder.rglob("*")
+        if f.is_file()
+    )
+
+
+def settings_fingerprint(config: dict, model: str, method: str, deltas) -> str:
+    """What the images depend on besides prompt and seed; a change invalidates kept images."""
+    import hashlib
+    import json
+
+    sp = config["sampling"]
+    used = sorted({str(d) for d in deltas if d is not None})
+    data = {
+        "model": model_fingerprint(model, config["model"]["revision"]),
+        "method": method,
+        "sampling": [sp["steps"], sp["guidance_scale"], device_and_dtype(sp)[1]],
+        "deltas": {d: file_digest(Path(d)) for d in used},
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def invalidate_if_changed(images_dir: Path, fingerprint: str) -> bool:
+    """Remove kept images made with other settings; returns whether any were removed."""
+    import shutil
+
+    stamp = images_dir / ".settings"
+    if stamp.is_file() and stamp.read_text().strip() == fingerprint:
+        return False
+    removed = False
+    if images_dir.is_dir():
+        for child in images_dir.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+                removed = True
+    write_bytes(stamp, fingerprint.encode())
+    return removed
+
+
+def attend_excite_pipeline(pipe):
+    """diffusers' Attend-and-Excite pipeline sharing the base pipeline's components."""
+    try:
+        from diffusers import StableDiffusionAttendAndExcitePipeline
+    except ImportError as err:  # removed from a future diffusers
+        raise SepenError(
+            "this diffusers has no StableDiffusionAttendAndExcitePipeline: install "
+            "diffusers<=0.42 to sample the attend_excite baseline"
+        ) from err
+    ae = StableDiffusionAttendAndExcitePipeline.from_pipe(pipe)
+    ae.set_progress_bar_config(disable=True)
+    return ae
+
+
+def sample_attend_excite(ae, entry: dict, seeds, sp: dict, ae_cfg: dict):
+    """Images of one prompt with Attend-and-Excite; its token indices from our token mapper.
+
+    Every sub-token of every concept is a target (a multi-token concept is not reduced to its
+    first token, the defect METHOD.md lists).
+    """
+    from sepen.tokens import concept_token_positions
+
+    positions = concept_token_positions(ae.tokenizer, entry["prompt"], entry["concepts"])
+    indices = sorted({i for sub in positions for i in sub})
+    res = ae_cfg["attention_res"]
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return ae(
+        [entry["prompt"]] * len(seeds),
+        token_indices=[indices] * len(seeds),
+        attn_res=(res, res),
+        num_inference_steps=sp["steps"],
+        guidance_scale=sp["guidance_scale"],
+        max_iter_to_alter=ae_cfg["max_iter_to_alter"],
+        scale_factor=ae_cfg["scale_factor"],
+        generator=gens,
+        output_type="np",
+    ).images
+
+
+def plan_items(plan: dict, shard: int, shards: int) -> list[tuple[str, int]]:
+    return [(pid, s) for pid in shard_prompts(plan, shard, shards) for s in plan["seeds"]]
+
+
+def delta_for(plan: dict, method: str, prompt_id: str, model_dir: Path | None) -> Path | None:
+    model = plan["prompts"][prompt_id]["model"]
+    if method != "sepen" or model is None:
+        return None
+    return Path(model_dir) / f"{model}.safetensors"
+
+
+def run(args: argparse.Namespace) -> dict:
+    config = load_config(args.config, args.set)
+    plan = read_plan(args.plan)
+    if args.method not in config["evaluation"]["methods"]:
+        raise SepenError(
+            f"method {args.method!r} is not in evaluation.methods {config['evaluation']['methods']}"
+        )
+    if args.method == "sepen" and args.model_dir is None:
+        raise SepenError("method 'sepen' needs --model-dir, the folder of the finetuned deltas")
+    items = plan_items(plan, args.shard, args.shards)
+    deltas = {pid: delta_for(plan, args.method, pid, args.model_dir) for pid, _ in items}
+    missing = sorted({str(d) for d in deltas.values() if d is not None and not d.is_file()})
+    if missing:
+        raise SepenError(f"finetuned deltas missing: {missing[:3]}: run `sepen finetune` for them")
+    images_dir = Path(args.images_dir)
+    model = args.model or config["model"]["pretrained"]
+    fingerprint = settings_fingerprint(config, model, args.method, deltas.values())
+    if invalidate_if_changed(images_dir, fingerprint):
+        log.warning("settings changed since the kept images were made: sampling them again")
+    todo = [(pid, s) for pid, s in items if not is_complete(image_path(images_dir, pid, s))]
+    log.info(
+        "%s shard %d/%d: %d images, %d already there, %d to generate",
+        args.method,
+        args.shard,
+        args.shards,
+        len(items),
+        len(items) - len(todo),
+        len(todo),
+    )
+    if todo:
+        from sepen.models import load_pipeline
+        from sepen.sampling import sample
+
+        device, dtype = device_and_dtype(config["sampling"])
+        pipe = load_pipeline(model, config["model"]["revision"], dtype=dtype, device=device)
+        switcher = DeltaSwitcher(pipe)
+        sp = config["sampling"]
+        by_delta: dict = {}
+        for pid, s in todo:
+            by_delta.setdefault(deltas[pid], []).append((pid, s))
+        bar = tqdm(total=len(todo), desc=f"sampling {args.method}", mininterval=10)
+        if args.method == "attend_excite":
+            ae = attend_excite_pipeline(pipe)
+            ae_cfg = config["evaluation"]["attend_excite"]
+            by_prompt: dict[str, list[int]] = {}
+            for pid, s in todo:
+                by_prompt.setdefault(pid, []).append(s)
+            for pid, seeds in by_prompt.items():
+                entry = plan["prompts"][pid]
+                for lo in range(0, len(seeds), sp["batch_size"]):
+                    chunk = seeds[lo : lo + sp["batch_size"]]
+                    images = sample_attend_excite(ae, entry, chunk, sp, ae_cfg)
+                    for s, im in zip(chunk, images):
+                        save_png(im, image_path(images_dir, pid, s))
+                    bar.update(len(chunk))
+        for delta, group in by_delta.items() if args.method != "attend_excite" else ():
+            switcher.use(delta)
+            for lo in range(0, len(group), sp["batch_size"]):
+                chunk = group[lo : lo + sp["batch_size"]]
+                images = sample(
+                    pipe,
+                    [plan["prompts"][pid]["prompt"] for pid, _ in chunk],
+                    [s for _, s in chunk],
+                    sp["steps"],
+                    sp["guidance_scale"],
+                    sp["batch_size"],
+                )
+                for (pid, s), im in zip(chunk, images):
+                    save_png(im, image_path(images_dir, pid, s))
+                bar.update(len(chunk))
+        bar.close()
+    manifest = {
+        "method": args.method,
+        "shard": args.shard,
+        "shards": args.shards,
+        "images_dir": str(images_dir),
+        "generated": len(todo),
+        "reused": len(items) - len(todo),
+        "images": [
+            {"prompt_id": pid, "seed": s, "path": str(image_path(images_dir, pid, s))}
+            for pid, s in items
+        ],
+    }
+    write_json(args.out, manifest)
+    return manifest
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = step_parser("sepen sample", __doc__.split("\n")[0])
+    p.add_argument("--plan", type=Path, required=True, help="prompts.json of `sepen prompts`")
+    p.add_argument("--method", required=True, help="one of evaluation.methods")
+    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--model", help="base model folder or hub id (default: model.pretrained)")
+    p.add_argument("--model-dir", type=Path, help="folder of <model id>.safetensors deltas")
+    p.add_argument("--images-dir", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="the shard's manifest (JSON)")
+    return p.parse_args(argv)
+
+
+def cli(argv=None) -> int:
+    args = parse_args(argv)
+    return run_step("sepen sample", lambda: run(args))

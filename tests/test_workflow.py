@@ -1,0 +1,241 @@
+"""The Snakemake workflow and the DVC pipeline, run in temporary copies of the project."""
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sepen.workflow import STEP_PARAMS
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["Snakefile", "workflow", "config", "profiles", "dvc.yaml", "data", "sepen"]
+
+
+def copy_project(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+            shutil.copytree(src, dest / name, symlinks=True, ignore=ignore)
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return proc
+
+
+def snakemake(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run(["snakemake", "--cores", "2", *args], cwd, check)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    table = output.split("Job stats:")[1].split("total")[0]
+    return {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return copy_project(tmp_path_factory.mktemp("project"))
+
+
+def test_lint_and_snakefmt_pass(project):
+    assert snakemake(project, "--lint", check=False).returncode == 0
+    assert run(["snakefmt", "--check", "Snakefile", "workflow/rules"], project).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("finetune: {stepz: 3}", r"config key finetune: .*'stepz' was unexpected"),
+        ("finetune: {steps: -3}", r"config key finetune.steps = -3 is invalid"),
+        ("evaluation: {methods: [base, magic]}", r"evaluation.methods.1 = 'magic' is invalid"),
+        ("sampling: {steps: many}", r"sampling.steps = 'many' is invalid"),
+    ],
+)
+def test_a_wrong_config_key_type_or_value_is_named_before_any_job_runs(project, bad, message):
+    cfg = project / "bad.yaml"
+    cfg.write_text(f"experiment: bad\n{bad}\n")
+    proc = snakemake(project, "--configfile", "bad.yaml", check=False)
+    assert proc.returncode != 0
+    assert re.search(message, proc.stdout + proc.stderr)
+    assert not (project / "results" / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    "config, finetunes, images",
+    [("sd14_pairs", 276, 276 * 64), ("sd14_joint", 1, 200 * 64), ("sd21_pairs", 276, 276 * 64)],
+)
+def test_paper_configs_dry_run_without_weights_and_list_their_jobs(
+    project, config, finetunes, images
+):
+    from sepen.config import load_config
+    from sepen.plan import build_plan
+
+    out = snakemake(project, "-n", "--configfile", f"config/{config}.yaml").stdout
+    counts = job_counts(out)
+    cfg = load_config(ROOT / "config" / f"{config}.yaml")
+    shards = cfg["evaluation"]["shards"] * len(cfg["evaluation"]["methods"])
+    assert counts["finetune"] == finetunes and counts["sample"] == shards
+    assert counts["concepts"] == counts["prompts"] == counts["report_grid"] == 1
+    assert counts["metrics"] == shards and counts["aggregate"] == counts["report_table"] == 1
+    for method in ("base", "sepen", "attend_excite"):
+        assert f"--method {method}" in out
+    assert "sepen finetune" in out
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)
+        plan = build_plan(cfg)
+    assert len(plan["order"]) * len(plan["seeds"]) == images
+
+
+def shell_commands(output: str) -> set[str]:
+    cmds = set()
+    for line in output.splitlines():
+        if line.startswith("Shell command: python -m sepen"):
+            cmd = line.removeprefix("Shell command: ")
+            cmds.add(re.sub(r" 2> logs/\S+$", "", cmd).strip())
+    return cmds
+
+
+def test_dvc_stages_run_the_same_commands_and_params_as_the_snakemake_rules(project):
+    from dvc.repo import Repo
+
+    out = snakemake(project, "-n", "-p", "--forceall", "--nolock").stdout
+    snake = shell_commands(out)
+    run(["dvc", "init", "--no-scm", "-q"], project) if not (project / ".dvc").exists() else None
+    stages = Repo(str(project)).index.stages
+    dvc = {" ".join(s.cmd.split()) for s in stages}
+    assert snake == dvc
+    spec = yaml.safe_load((project / "dvc.yaml").read_text())
+    config = yaml.safe_load((project / "config/config.yaml").read_text())
+    assert spec["vars"][1]["shards"] == list(range(config["evaluation"]["shards"]))
+    for name, stage in spec["stages"].items():
+        keys = stage.get("params", [{}])[0].get("config/config.yaml", [])
+        assert sorted(keys) == sorted(STEP_PARAMS[name]), name
+        for key in keys:  # DVC needs each key written in the file, defaults do not count
+            node = config
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"{key} missing in config.yaml"
+                node = node[part]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(project):
+    """The smoke config run once through Snakemake (about 2 minutes on 2 cores)."""
+    proc = snakemake(project, "--configfile", "config/test/smoke.yaml")
+    return project, proc
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_every_artifact_with_real_numbers(smoke_run):
+    project, _ = smoke_run
+    r = project / "results" / "smoke"
+    result = json.loads((r / "metrics.json").read_text())
+    plan = json.loads((r / "prompts.json").read_text())
+    assert set(result["sets"]) == {"single", "held_out_pairs", "overall"}
+    for name, by_method in result["sets"].items():
+        n = len(plan["order"] if name == "overall" else plan["sets"][name]) * 2
+        for method in ("base", "sepen"):
+            ci = by_method[method]["success"]
+            assert ci["n"] == n and 0 <= ci["lo"] <= ci["mean"] <= ci["hi"] <= 1
+    premise = json.loads((r / "premise.json").read_text())
+    assert set(premise) == {"scenes", "base", "sepen"}
+    assert 0 < premise["base"]["held_out_pairs"]["own"] < 1
+    for png in ("samples", "losses", "attention"):
+        assert (r / "report" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+    html = (r / "report" / "metrics.html").read_text()
+    assert "held_out_pairs" in html and "Settings study" in html and "Premise check" in html
+    for method in ("base", "sepen"):
+        for shard in (0, 1):
+            m = json.loads((r / "samples" / method / f"shard-{shard}.json").read_text())
+            assert all(Path(project / im["path"]).is_file() for im in m["images"])
+    assert (project / "logs/smoke/finetune/joint.log").read_text()
+    assert (project / "benchmarks/smoke/finetune/joint.tsv").is_file()
+    report = project / "report.html"
+    snakemake(project, "--configfile", "config/test/smoke.yaml", "--report", str(report))
+    assert report.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_smoke_rerun_is_a_no_op_and_a_changed_key_reruns_only_what_reads_it(smoke_run):
+    project, _ = smoke_run
+    again = snakemake(project, "--configfile", "config/test/smoke.yaml")
+    assert "Nothing to be done" in again.stdout + again.stderr
+    config = project / "config/test/smoke.yaml"
+    text = config.read_text()
+    assert "  steps: 6\n" in text
+    config.write_text(text.replace("  steps: 6\n", "  steps: 7\n"))  # finetune.steps
+    try:
+        counts = job_counts(snakemake(project, "-n", "--configfile", str(config)).stdout)
+    finally:
+        config.write_text(text)
+    assert counts["finetune"] == 1 and counts["sample"] == 2  # the two sepen shards
+    assert "concepts" not in counts and "prompts" not in counts
+    assert counts["metrics"] == 2 and counts["aggregate"] == 1
+
+
+@pytest.mark.slow
+def test_smoke_config_through_dvc_matches_snakemake_and_pushes_and_pulls(
+    smoke_run, tmp_path_factory
+):
+    from safetensors.torch import load_file
+
+    snake_project, _ = smoke_run
+    project = copy_project(tmp_path_factory.mktemp("dvc"))
+    from sepen.config import load_config
+
+    # dvc.yaml reads config/config.yaml, with every key its stages use written out
+    smoke = load_config(ROOT / "config/test/smoke.yaml", ["evaluation.shards=1"])
+    (project / "config/config.yaml").write_text(yaml.safe_dump(smoke))
+    run(["dvc", "init", "--no-scm", "-q"], project)
+    run(["dvc", "remote", "add", "-d", "local", str(project / "remote")], project)
+    run(["dvc", "repro"], project)
+    r, s = project / "results/smoke", snake_project / "results/smoke"
+    ours, theirs = (
+        load_file(r / "models/joint.safetensors"),
+        load_file(s / "models/joint.safetensors"),
+    )
+    assert ours.keys() == theirs.keys()
+    assert all((ours[k] - theirs[k]).abs().max() < 1e-6 for k in ours)
+    assert json.loads((r / "prompts.json").read_text()) == json.loads(
+        (s / "prompts.json").read_text()
+    )
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], project).stdout)
+    summary = json.loads((r / "metrics_summary.json").read_text())
+    found = next(iter(shown.values()))["data"]["results/smoke/metrics_summary.json"]["data"]
+    assert found == summary
+    status = run(["dvc", "status"], project).stdout
+    assert "up to date" in status
+    run(["dvc", "push"], project)
+    delta = r / "models/joint.safetensors"
+    before = delta.read_bytes()
+    delta.unlink()
+    shutil.rmtree(project / ".dvc" / "cache")
+    run(["dvc", "pull"], project)
+    assert delta.read_bytes() == before
+
+
+def test_toy_pretraining_and_study_join_the_dag_behind_their_switches(project):
+    smoke = yaml.safe_load((ROOT / "config/test/smoke.yaml").read_text())
+    smoke["toy"]["pretrain"] = {"run": True}
+    smoke["toy"]["study"] = {"run": True}
+    (project / "switched.yaml").write_text(yaml.safe_dump(smoke))
+    out = snakemake(project, "-n", "-p", "--forceall", "--configfile", "switched.yaml").stdout
+    counts = job_counts(out)
+    assert counts["toy_pretrain"] == 1 and counts["toy_study"] == 1
+    finetune = next(c for c in shell_commands(out) if " finetune " in c)
+    assert " --model results/smoke/toy_base " in finetune
+    assert "--study results/smoke/study/study.json" in out
+    default = snakemake(project, "-nFp", "--configfile", "config/test/smoke.yaml").stdout
+    assert "toy_pretrain" not in job_counts(default) and "data/toy_study/study.json" in default

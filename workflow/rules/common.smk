@@ -1,0 +1,102 @@
+# Shared definitions: the validated config, the experiment's plan, paths and helpers.
+import json
+import os
+
+from sepen.plan import build_plan
+from sepen.report import attention_prompts
+from sepen.workflow import (
+    command_config_path,
+    step_params,
+)
+
+CFG = validate_config(
+    config
+)  # raises ConfigError naming the bad key before any job runs
+EXP = CFG["experiment"]
+R = f"results/{EXP}"
+LOGS = f"logs/{EXP}"
+BENCH = f"benchmarks/{EXP}"
+CONFIG = command_config_path(workflow, CFG, R)
+PLAN = build_plan(CFG)
+MODELS = sorted(PLAN["models"])
+METHODS = CFG["evaluation"]["methods"]
+SHARDS = list(range(CFG["evaluation"]["shards"]))
+METRICS = CFG["evaluation"]["metrics"]
+TOY = CFG["evaluation"]["prompts"] == "toy"
+PRETRAIN = TOY and CFG["toy"]["pretrain"]["run"]
+STUDY = TOY and CFG["toy"]["study"]["run"]
+BASE = f"{R}/toy_base" if PRETRAIN else CFG["model"]["pretrained"]
+# a local base model folder is an input (a change re-runs what uses it); a hub id is not
+BASE_INPUT = [BASE] if PRETRAIN or os.path.isdir(BASE) else []
+MODEL_ARG = f" --model {BASE}" if PRETRAIN else ""
+# the rules' software with `--software-deployment-method conda`
+CONDA_ENV = "../envs/sepen.yaml"
+# GPUs a job asks for: none for the toy world, one otherwise (profiles may change it)
+GPU = 0 if TOY else 1
+
+
+wildcard_constraints:
+    model="[A-Za-z0-9_-]+",
+    method="|".join(METHODS),
+    shard=r"\d+",
+
+
+def shard_models(wildcards):
+    """The deltas a sepen sampling shard needs: the models of its prompts."""
+    if wildcards.method != "sepen":
+        return []
+    ids = PLAN["order"][int(wildcards.shard) :: len(SHARDS)]
+    models = sorted({PLAN["prompts"][p]["model"] for p in ids} - {None})
+    return [f"{R}/models/{m}.safetensors" for m in models]
+
+
+def attention_models():
+    """Deltas of the prompts shown in the attention figure."""
+    if "sepen" not in METHODS:
+        return []
+    ids = attention_prompts(PLAN, CFG["report"]["attention_prompts"])
+    models = sorted({PLAN["prompts"][p]["model"] for p in ids} - {None})
+    return [f"{R}/models/{m}.safetensors" for m in models]
+
+
+def manifests():
+    return [f"{R}/samples/{m}/shard-{s}.json" for m in METHODS for s in SHARDS]
+
+
+def metric_files():
+    return [f"{R}/metrics/{m}/shard-{s}.json" for m in METHODS for s in SHARDS]
+
+
+def plan_data():
+    """The data files the plan reads."""
+    ev = CFG["evaluation"]
+    if ev["prompts"] == "attend_excite":
+        return [ev["prompt_file"]]
+    if ev["prompts"] == "large_scale":
+        return [ev["prompt_file"], ev["concept_file"]]
+    return []
+
+
+def premise_delta():
+    return (
+        [f"{R}/models/joint.safetensors"]
+        if "joint" in MODELS and "sepen" in METHODS
+        else []
+    )
+
+
+def table_inputs():
+    out = {"metrics": f"{R}/metrics.json"}
+    if TOY and CFG["toy"]["premise_scenes"]:
+        out["premise"] = f"{R}/premise.json"
+    if TOY:
+        out["study"] = (
+            f"{R}/study/study.json" if STUDY else CFG["toy"]["study"]["shipped"]
+        )
+    return out
+
+
+def table_options(wildcards, input):
+    return "".join(
+        f" --{k} {input[k]}" for k in ("premise", "study") if k in input.keys()
+    )

@@ -1,0 +1,31 @@
+# SepEn finetuning: one job per model of the plan (per pair, or one joint model).
+# Checkpoints live in results/<experiment>/models/<model>.state (not an output: a re-run
+# resumes from the last one).
+
+
+rule finetune:
+    input:
+        BASE_INPUT,
+        plan=f"{R}/prompts.json",
+    output:
+        delta=f"{R}/models/{{model}}.safetensors",
+        losses=f"{R}/models/{{model}}.losses.csv",
+    log:
+        f"{LOGS}/finetune/{{model}}.log",
+    benchmark:
+        f"{BENCH}/finetune/{{model}}.tsv"
+    conda:
+        CONDA_ENV
+    threads: 2
+    resources:
+        mem_mb=8000 if TOY else 24000,
+        runtime=60 if TOY else 240,
+        gpu=GPU,
+    params:
+        config=CONFIG,
+        model=MODEL_ARG,
+        config_keys=step_params(CFG, "finetune"),
+    shell:
+        "python -m sepen finetune --config {params.config}{params.model} --plan {input.plan}"
+        " --model-id {wildcards.model} --out {output.delta} --losses-out {output.losses}"
+        " --resume latest 2> {log}"

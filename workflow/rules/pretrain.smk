@@ -1,0 +1,23 @@
+# The toy world's base model, trained in the DAG when toy.pretrain.run is true
+# (otherwise the shipped model.pretrained is used).
+
+
+rule toy_pretrain:
+    output:
+        directory(f"{R}/toy_base"),
+    log:
+        f"{LOGS}/toy_pretrain.log",
+    benchmark:
+        f"{BENCH}/toy_pretrain.tsv"
+    conda:
+        CONDA_ENV
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=0,
+    params:
+        config=CONFIG,
+        config_keys=step_params(CFG, "toy_pretrain"),
+    shell:
+        "python -m sepen toy pretrain --config {params.config} --out {output} 2> {log}"

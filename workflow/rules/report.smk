@@ -1,0 +1,114 @@
+# The report's table and figures; `snakemake --report results/report.html` embeds them.
+
+
+rule report_table:
+    input:
+        **table_inputs(),
+    output:
+        report(
+            f"{R}/report/metrics.html",
+            caption="../report/metrics.rst",
+            category="1. Metrics",
+        ),
+    log:
+        f"{LOGS}/report_table.log",
+    benchmark:
+        f"{BENCH}/report_table.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        config=CONFIG,
+        options=table_options,
+        config_keys=step_params(CFG, "report_table"),
+    shell:
+        "python -m sepen report table --config {params.config} --metrics {input.metrics}"
+        "{params.options} --out {output} 2> {log}"
+
+
+rule report_grid:
+    input:
+        plan=f"{R}/prompts.json",
+        manifests=manifests(),
+    output:
+        report(
+            f"{R}/report/samples.png",
+            caption="../report/samples.rst",
+            category="2. Samples",
+        ),
+    log:
+        f"{LOGS}/report_grid.log",
+    benchmark:
+        f"{BENCH}/report_grid.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        config=CONFIG,
+        config_keys=step_params(CFG, "report_grid"),
+    shell:
+        "python -m sepen report grid --config {params.config} --plan {input.plan}"
+        " --manifests {input.manifests} --out {output} 2> {log}"
+
+
+rule report_losses:
+    input:
+        expand(f"{R}/models/{{model}}.losses.csv", model=MODELS),
+    output:
+        report(
+            f"{R}/report/losses.png",
+            caption="../report/losses.rst",
+            category="3. Finetuning",
+        ),
+    log:
+        f"{LOGS}/report_losses.log",
+    benchmark:
+        f"{BENCH}/report_losses.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=5,
+    shell:
+        "python -m sepen report losses --csv {input} --out {output} 2> {log}"
+
+
+rule report_attention:
+    input:
+        BASE_INPUT,
+        plan=f"{R}/prompts.json",
+        deltas=attention_models(),
+    output:
+        report(
+            f"{R}/report/attention.png",
+            caption="../report/attention.rst",
+            category="3. Finetuning",
+        ),
+    log:
+        f"{LOGS}/report_attention.log",
+    benchmark:
+        f"{BENCH}/report_attention.tsv"
+    conda:
+        CONDA_ENV
+    threads: 2
+    resources:
+        mem_mb=4000 if TOY else 16000,
+        runtime=10 if TOY else 60,
+        gpu=GPU,
+    params:
+        config=CONFIG,
+        model=MODEL_ARG,
+        model_dir=lambda wildcards, input: os.path.join(
+            os.path.dirname(input.plan), "models"
+        ),
+        config_keys=step_params(CFG, "report_attention"),
+    shell:
+        "python -m sepen report attention --config {params.config}{params.model} --plan {input.plan}"
+        " --model-dir {params.model_dir} --out {output} 2> {log}"
