@@ -2,8 +2,9 @@
 
 Random weights, so no download: `--arch sd14` builds the Stable Diffusion 1.4 architecture
 (UNet, CLIP ViT-L/14 text encoder, VAE) at 512 px; `--arch tiny` the tiny test model. Each
-method samples the same prompt and seed; the median of `--repeats` timed runs (after one
-warm-up) is reported with its ratio to the stock pipeline. Prints a table; `--json` writes it.
+method samples the same prompt and seed; the methods run in turns, `--repeats` times after one
+warm-up each, and the median is reported with its ratio to the stock pipeline. Prints a table;
+`--json` writes it.
 
     python bench/sampling_cost.py --arch sd14 --device cuda --dtype float16     # a GPU
     python bench/sampling_cost.py --arch tiny --steps 4 --repeats 1             # CPU, seconds
@@ -77,18 +78,25 @@ def random_delta(pipe, folder: Path) -> Path:
     )
 
 
-def timed(fn, repeats: int, device: str) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_interleaved(fns: dict, repeats: int, device: str) -> dict[str, float]:
+    """Median seconds of each function, run in turns (after one warm-up each) so that drift of
+    the machine's speed affects all alike."""
+    for fn in fns.values():
         fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def run(arch: str, steps: int, repeats: int, device: str, dtype: str) -> dict:
@@ -97,33 +105,44 @@ def run(arch: str, steps: int, repeats: int, device: str, dtype: str) -> dict:
     from sepen.models.tiny import build_tiny_pipeline
     from sepen.sample import attend_excite_pipeline, sample_attend_excite
 
-    pipe = sd14_pipeline() if arch == "sd14" else build_tiny_pipeline()
-    pipe = pipe.to(device, resolve_dtype(dtype))
-    pipe.set_progress_bar_config(disable=True)
+    def build():
+        pipe = sd14_pipeline() if arch == "sd14" else build_tiny_pipeline()
+        pipe = pipe.to(device, resolve_dtype(dtype))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    stock_pipe, sepen_pipe = build(), build()
+    with tempfile.TemporaryDirectory() as tmp:
+        apply_delta(sepen_pipe, random_delta(sepen_pipe, Path(tmp)))
+    ae = attend_excite_pipeline(build())
     prompt = {"prompt": "a photo of a cat and a dog", "concepts": ["cat", "dog"]}
     sp = {"steps": steps, "guidance_scale": 6.0}
     ae_cfg = {"max_iter_to_alter": min(25, steps // 2), "scale_factor": 20, "attention_res": 16}
 
-    def stock():
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            pipe(
-                prompt["prompt"],
-                num_inference_steps=steps,
-                guidance_scale=6.0,
-                generator=g,
-                output_type="np",
-            )
+    def plain(pipe):
+        def call():
+            with torch.no_grad():
+                pipe(
+                    prompt["prompt"],
+                    num_inference_steps=steps,
+                    guidance_scale=6.0,
+                    generator=torch.Generator().manual_seed(0),
+                    output_type="np",
+                )
 
-    results = {"arch": arch, "device": device, "dtype": dtype, "steps": steps}
-    results["stock_s"] = timed(stock, repeats, device)
-    with tempfile.TemporaryDirectory() as tmp:
-        apply_delta(pipe, random_delta(pipe, Path(tmp)))
-    results["sepen_s"] = timed(stock, repeats, device)  # the same call, keys replaced
-    ae = attend_excite_pipeline(pipe)
-    results["attend_excite_s"] = timed(
-        lambda: sample_attend_excite(ae, prompt, [0], sp, ae_cfg), repeats, device
+        return call
+
+    seconds = timed_interleaved(
+        {
+            "stock": plain(stock_pipe),
+            "sepen": plain(sepen_pipe),
+            "attend_excite": lambda: sample_attend_excite(ae, prompt, [0], sp, ae_cfg),
+        },
+        repeats,
+        device,
     )
+    results = {"arch": arch, "device": device, "dtype": dtype, "steps": steps, "repeats": repeats}
+    results.update({f"{k}_s": v for k, v in seconds.items()})
     if device == "cuda":
         results["card"] = torch.cuda.get_device_name()
     for k in ("sepen", "attend_excite"):

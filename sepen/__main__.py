@@ -11,6 +11,7 @@ STEPS = {
     "finetune": ("sepen.finetune", "SepEn finetuning of the cross-attention keys"),
     "sample": ("sepen.sample", "images of one method for one shard of prompts (resumable)"),
     "metrics": ("sepen.metrics", "per-image metrics of one sampling shard"),
+    "fid": ("sepen.metrics:fid_cli", "FID of a method's images against reference images"),
     "aggregate": ("sepen.aggregate", "per-set metrics with bootstrap CIs and paired differences"),
     "report": ("sepen.report", "the report's tables and figures"),
     "tiny-model": ("sepen.models.tiny", "save a tiny random SD-architecture pipeline"),

@@ -47,7 +47,9 @@ def aggregate(plan: dict, rows: dict[str, dict], n_boot: int = 2000) -> dict:
     methods = list(rows)
     if not methods:
         raise SepenError("no metric rows to aggregate: list the shards' metric files")
-    metrics = sorted({m for r in rows[methods[0]].values() for m in r})
+    metrics = sorted(  # numbers only: captions and other per-image records are not averaged
+        {m for r in rows[methods[0]].values() for m, v in r.items() if isinstance(v, int | float)}
+    )
     sets = dict(plan["sets"])
     sets[OVERALL] = plan["order"]
     expected = {(pid, s) for pid in plan["order"] for s in plan["seeds"]}
@@ -114,6 +116,8 @@ def dvc_metrics(result: dict) -> dict:
         }
         for m, vals in result["differences"].get(name, {}).items():
             out[name][f"{m}-base"] = {k: round(v["mean"], 4) for k, v in vals.items()}
+    if result.get("fid"):
+        out["fid"] = {m: round(v["fid"], 3) for m, v in result["fid"].items()}
     return out
 
 
@@ -131,6 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--metrics", type=Path, nargs="+", required=True, help="metric files of the shards"
     )
+    p.add_argument("--fid", type=Path, nargs="*", default=[], help="FID files of `sepen fid`")
     p.add_argument("--out", type=Path, required=True, help="full results (JSON)")
     p.add_argument("--dvc-metrics", type=Path, help="compact means for `dvc metrics` (JSON)")
     p.add_argument("--table", type=Path, help="flat table for `dvc plots` (CSV)")
@@ -146,6 +151,11 @@ def main(args: argparse.Namespace) -> dict:
     shards = [json.loads(p.read_text()) for p in args.metrics]
     result = aggregate(plan, collect(shards), config["evaluation"]["bootstrap"])
     result["models"] = next((s["models"] for s in shards if s.get("models")), {})
+    for path in args.fid:
+        if not path.is_file():
+            raise SepenError(f"FID file {str(path)!r} is missing: run `sepen fid` first")
+        entry = json.loads(path.read_text())
+        result.setdefault("fid", {})[entry["method"]] = entry
     write_json(args.out, result)
     if args.dvc_metrics:
         write_json(args.dvc_metrics, dvc_metrics(result))

@@ -153,3 +153,47 @@ def main(args: argparse.Namespace) -> list[dict]:
 def cli(argv=None) -> int:
     args = parse_args(argv)
     return run_step("sepen metrics", lambda: main(args))
+
+
+def fid_main(args: argparse.Namespace) -> dict:
+    """FID of one method's images (all its shards) against evaluation.fid.reference."""
+    import json
+
+    from sepen.evaluators.fid import InceptionFeatures, fid, reference_images
+    from sepen.sample import device_and_dtype
+
+    config = load_config(args.config, args.set)
+    spec = config["evaluation"]["fid"]
+    if not spec["reference"]:
+        raise SepenError("evaluation.fid.reference is not set: give a folder of real images")
+    reference = reference_images(spec["reference"])
+    missing = [str(m) for m in args.manifests if not m.is_file()]
+    if missing:
+        raise SepenError(f"manifests missing: {missing[:3]}: run `sepen sample` first")
+    manifests = [json.loads(m.read_text()) for m in args.manifests]
+    methods = {m["method"] for m in manifests}
+    if len(methods) != 1:
+        raise SepenError(f"FID takes the shards of one method; got {sorted(methods)}")
+    paths = [im["path"] for m in manifests for im in m["images"]]
+    extract = InceptionFeatures(
+        spec["weights"], device_and_dtype(config["sampling"])[0], spec["batch_size"]
+    )
+    ours = extract([load_image(p) for p in tqdm(paths, desc="fid images", mininterval=10)])
+    real = extract([load_image(str(p)) for p in reference])
+    result = {
+        "method": methods.pop(),
+        "fid": fid(ours, real),
+        "n_images": len(paths),
+        "n_reference": len(reference),
+        "features": f"torchvision inception_v3 {spec['weights']} pool (not the TF-FID weights)",
+    }
+    write_json(args.out, result)
+    return result
+
+
+def fid_cli(argv=None) -> int:
+    p = step_parser("sepen fid", "FID of a method's images against reference images.")
+    p.add_argument("--manifests", type=Path, nargs="+", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    return run_step("sepen fid", lambda: fid_main(args))

@@ -124,6 +124,15 @@ def table_page(
     for metric in result["metrics"]:
         parts.append(f"<h3>{html.escape(metric)} (mean [95% CI])</h3>")
         parts.append(html_table(metrics_table(result, metric, anchors)))
+    if result.get("fid"):
+        entries = result["fid"]
+        parts.append("<h3>FID against the reference images (lower is better)</h3>")
+        rows = [["method", "FID", "images", "reference images", "features"]]
+        rows += [
+            [m, f"{v['fid']:.2f}", str(v["n_images"]), str(v["n_reference"]), v["features"]]
+            for m, v in entries.items()
+        ]
+        parts.append(html_table(rows))
     if premise:
         parts.append(
             "<h3>Premise check: share of an object token's attention on its own object</h3>"

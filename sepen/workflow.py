@@ -42,6 +42,7 @@ STEP_PARAMS: dict[str, list[str]] = {
     "sample": ["model", "evaluation.shards", *_SAMPLING],
     "metrics": ["evaluation.metrics"],
     "aggregate": ["evaluation.bootstrap"],
+    "fid": ["evaluation.fid"],
     "toy_premise": ["model", "toy.premise_scenes", "toy.radius"],
     "toy_study": ["toy.study", "model", "finetune", *_SAMPLING],
     "report_table": ["report.anchors"],

@@ -129,7 +129,7 @@ def tiny_blip(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_owlv2(tmp_path_factory, clip_tokenizer):
+def tiny_owlv2(tmp_path_factory):
     """A tiny OWLv2 detector with the real CLIP tokenizer, saved with save_pretrained."""
     from transformers import (
         Owlv2Config,
@@ -147,7 +147,9 @@ def tiny_owlv2(tmp_path_factory, clip_tokenizer):
     )
     torch.manual_seed(0)
     Owlv2ForObjectDetection(config).save_pretrained(folder)
-    tokenizer = clip_tokenizer
+    from sepen.models import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer()  # its own copy: the session's stays at 77 tokens
     tokenizer.model_max_length = 16
     Owlv2Processor(
         image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}), tokenizer=tokenizer
@@ -236,3 +238,90 @@ def test_missing_metric_models_are_named_before_any_work(tmp_path, monkeypatch):
     )
     with pytest.raises(ModelNotAvailableError, match="evaluation.detection.model"):
         preflight(config)
+
+
+def test_frechet_distance_of_known_gaussians():
+    from sepen.evaluators.fid import fid, frechet_distance
+
+    # |mu|^2 = 2, Tr(I + 4I - 2 (4I)^(1/2)) = 2 + 8 - 8 = 2
+    assert frechet_distance([0, 0], np.eye(2), [1, 1], 4 * np.eye(2)) == pytest.approx(4.0)
+    x = np.random.default_rng(0).normal(size=(500, 3))
+    assert fid(x, x) == pytest.approx(0.0, abs=1e-6)
+    assert fid(x, x + 2) == pytest.approx(12.0, rel=1e-6)
+
+
+def _write_images(folder, n, seed):
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, im in enumerate(_images(n, 40) if seed == 0 else _images(n + 3, 40)[3:]):
+        paths.append(folder / f"{k}.png")
+        im.save(paths[-1])
+    return paths
+
+
+def test_metrics_and_fid_commands_end_to_end_on_tiny_models(
+    tmp_path, tiny_clip, tiny_blip, tiny_owlv2
+):
+    import yaml
+
+    from sepen.__main__ import main
+
+    plan = {
+        "format": "sepen-plan-1",
+        "seeds": [0, 1],
+        "sets": {"animals": ["p0", "p1"]},
+        "order": ["p0", "p1"],
+        "prompts": {
+            "p0": {"prompt": "a cat and a dog", "concepts": ["cat", "dog"], "model": None},
+            "p1": {"prompt": "a dog with a bowl", "concepts": ["dog", "bowl"], "model": None},
+        },
+        "models": {},
+    }
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    paths = _write_images(tmp_path / "images", 4, 0)
+    items = [(p, s) for p in ("p0", "p1") for s in (0, 1)]
+    manifest = {
+        "method": "base",
+        "shard": 0,
+        "images": [
+            {"prompt_id": p, "seed": s, "path": str(path)} for (p, s), path in zip(items, paths)
+        ],
+    }
+    (tmp_path / "m.json").write_text(json.dumps(manifest))
+    _write_images(tmp_path / "reference", 5, 1)
+    config = {
+        "evaluation": {
+            "metrics": ["clip", "blip", "detection"],
+            "clip": {"model": tiny_clip, "pretrained": None},
+            "blip": {"model": tiny_blip, "max_new_tokens": 4},
+            "detection": {"model": tiny_owlv2, "threshold": 0.0},
+            "fid": {"reference": str(tmp_path / "reference"), "weights": None, "batch_size": 3},
+        }
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    common = ["--config", str(tmp_path / "c.yaml")]
+    args = ["--plan", str(tmp_path / "plan.json"), "--manifest", str(tmp_path / "m.json")]
+    assert main(["metrics", *common, *args, "--out", str(tmp_path / "s.json")]) == 0
+    shard = json.loads((tmp_path / "s.json").read_text())
+    assert shard["models"]["detection"].startswith("owlv2:")
+    keys = {"clip_full", "clip_min_object", "blip_similarity", "detection_success"}
+    assert all(keys <= set(r) for r in shard["rows"]) and len(shard["rows"]) == 4
+    fid_args = ["--manifests", str(tmp_path / "m.json"), "--out", str(tmp_path / "fid.json")]
+    assert main(["fid", *common, *fid_args]) == 0
+    fid = json.loads((tmp_path / "fid.json").read_text())
+    assert fid["n_images"] == 4 and fid["n_reference"] == 5 and fid["fid"] >= 0
+    agg = ["--plan", str(tmp_path / "plan.json"), "--metrics", str(tmp_path / "s.json")]
+    out = ["--fid", str(tmp_path / "fid.json"), "--out", str(tmp_path / "r.json")]
+    assert main(["aggregate", *common, *agg, *out]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["fid"]["base"]["fid"] == fid["fid"]
+    mean = np.mean([r["clip_full"] for r in shard["rows"]])
+    assert result["sets"]["overall"]["base"]["clip_full"]["mean"] == pytest.approx(mean)
+
+
+def test_inception_weights_missing_offline_is_named(tmp_path, monkeypatch):
+    from sepen.evaluators.fid import InceptionFeatures
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(ModelNotAvailableError, match="inception_v3_google.*cannot be downloaded"):
+        InceptionFeatures("IMAGENET1K_V1", "cpu")

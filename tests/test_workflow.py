@@ -239,3 +239,13 @@ def test_toy_pretraining_and_study_join_the_dag_behind_their_switches(project):
     assert "--study results/smoke/study/study.json" in out
     default = snakemake(project, "-nFp", "--configfile", "config/test/smoke.yaml").stdout
     assert "toy_pretrain" not in job_counts(default) and "data/toy_study/study.json" in default
+
+
+def test_fid_jobs_join_the_dag_when_a_reference_folder_is_set(project):
+    cfg = yaml.safe_load((ROOT / "config/sd14_pairs.yaml").read_text())
+    cfg["evaluation"]["fid"] = {"reference": "data/coco_val"}
+    (project / "fid.yaml").write_text(yaml.safe_dump(cfg))
+    out = snakemake(project, "-n", "-p", "--configfile", "fid.yaml").stdout
+    assert job_counts(out)["fid"] == 3  # one per method
+    aggregate = next(c for c in shell_commands(out) if " aggregate " in c)
+    assert "--fid results/sd14_pairs/fid/base.json" in aggregate

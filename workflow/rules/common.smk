@@ -100,3 +100,9 @@ def table_options(wildcards, input):
     return "".join(
         f" --{k} {input[k]}" for k in ("premise", "study") if k in input.keys()
     )
+
+
+def fid_files():
+    if not CFG["evaluation"]["fid"]["reference"]:
+        return []
+    return [f"{R}/fid/{m}.json" for m in METHODS]

@@ -26,10 +26,37 @@ rule metrics:
         " --manifest {input.manifest} --out {output} 2> {log}"
 
 
+rule fid:
+    input:
+        manifests=lambda wildcards: [
+            f"{R}/samples/{wildcards.method}/shard-{s}.json" for s in SHARDS
+        ],
+    output:
+        f"{R}/fid/{{method}}.json",
+    log:
+        f"{LOGS}/fid/{{method}}.log",
+    benchmark:
+        f"{BENCH}/fid/{{method}}.tsv"
+    conda:
+        CONDA_ENV
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=GPU,
+    params:
+        config=CONFIG,
+        config_keys=step_params(CFG, "fid"),
+    shell:
+        "python -m sepen fid --config {params.config} --manifests {input.manifests}"
+        " --out {output} 2> {log}"
+
+
 rule aggregate:
     input:
         plan=f"{R}/prompts.json",
         metrics=metric_files(),
+        fid=fid_files(),
     output:
         full=f"{R}/metrics.json",
         dvc=f"{R}/metrics_summary.json",
@@ -46,8 +73,11 @@ rule aggregate:
         runtime=10,
     params:
         config=CONFIG,
+        fid=lambda wildcards, input: (
+            " --fid " + " ".join(input.fid) if input.fid else ""
+        ),
         config_keys=step_params(CFG, "aggregate"),
     shell:
         "python -m sepen aggregate --config {params.config} --plan {input.plan}"
-        " --metrics {input.metrics} --out {output.full} --dvc-metrics {output.dvc}"
+        " --metrics {input.metrics}{params.fid} --out {output.full} --dvc-metrics {output.dvc}"
         " --table {output.table} 2> {log}"
