@@ -134,7 +134,8 @@ def main(args: argparse.Namespace) -> list[dict]:
         raise SepenError(f"manifest {str(args.manifest)!r} does not exist: run `sepen sample`")
     manifest = json.loads(args.manifest.read_text())
     names = config["evaluation"]["metrics"]
-    metrics = build_metrics(names, config, device_and_dtype(config["sampling"])[0])
+    shard = manifest["shard"]
+    metrics = build_metrics(names, config, device_and_dtype(config["sampling"], shard)[0])
     rows = shard_metrics(manifest, plan, metrics)
     write_json(
         args.out,

@@ -54,7 +54,9 @@ def save_png(array, path: Path) -> None:
     write_bytes(path, buf.getvalue())
 
 
-def device_and_dtype(sampling: dict) -> tuple[str, str]:
+def device_and_dtype(sampling: dict, shard: int = 0) -> tuple[str, str]:
+    """The device and precision of a job. With several GPUs visible (a workstation, where jobs
+    are not given their own), shard k takes GPU k mod count, so shards run side by side."""
     device = sampling["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,9 +64,11 @@ def device_and_dtype(sampling: dict) -> tuple[str, str]:
         raise SepenError(
             "sampling.device is 'cuda' but no CUDA device is visible: use 'auto' or 'cpu'"
         )
+    if device == "cuda" and torch.cuda.device_count() > 1:
+        device = f"cuda:{shard % torch.cuda.device_count()}"
     dtype = sampling["dtype"]
     if dtype == "auto":
-        dtype = "float16" if device == "cuda" else "float32"
+        dtype = "float16" if device.startswith("cuda") else "float32"
     return device, dtype
 
 
@@ -238,7 +242,7 @@ def run(args: argparse.Namespace) -> dict:
         from sepen.models import load_pipeline
         from sepen.sampling import sample
 
-        device, dtype = device_and_dtype(config["sampling"])
+        device, dtype = device_and_dtype(config["sampling"], args.shard)
         pipe = load_pipeline(model, config["model"]["revision"], dtype=dtype, device=device)
         switcher = DeltaSwitcher(pipe)
         sp = config["sampling"]

@@ -249,3 +249,113 @@ def test_fid_jobs_join_the_dag_when_a_reference_folder_is_set(project):
     assert job_counts(out)["fid"] == 3  # one per method
     aggregate = next(c for c in shell_commands(out) if " aggregate " in c)
     assert "--fid results/sd14_pairs/fid/base.json" in aggregate
+
+
+@pytest.mark.slow
+def test_an_interrupted_sampling_shard_rerun_generates_only_the_missing_images(smoke_run):
+    project, _ = smoke_run
+    shard = project / "results/smoke/samples/base/shard-0.json"
+    images = json.loads(shard.read_text())["images"]
+    # the state an interruption of the first sampling job leaves: some of its images written,
+    # its manifest and everything downstream not yet
+    r = project / "results/smoke"
+    shard.unlink()
+    for later in ("metrics", "report", "plots", "metrics.json", "metrics_summary.json"):
+        shutil.rmtree(r / later) if (r / later).is_dir() else (r / later).unlink()
+    for im in images[1:3]:
+        (project / im["path"]).unlink()
+    kept = (project / images[0]["path"]).read_bytes()
+    snakemake(project, "--configfile", "config/test/smoke.yaml")
+    manifest = json.loads(shard.read_text())
+    assert (manifest["generated"], manifest["reused"]) == (2, len(images) - 2)
+    assert (project / images[0]["path"]).read_bytes() == kept
+
+
+@pytest.mark.slow
+def test_a_two_process_finetune_from_the_rule_equals_one_process(smoke_run, tmp_path_factory):
+    from safetensors.torch import load_file
+
+    snake_project, _ = smoke_run
+    project = copy_project(tmp_path_factory.mktemp("ddp"))
+    smoke = yaml.safe_load((ROOT / "config/test/smoke.yaml").read_text())
+    smoke["finetune"].update(processes=2, batch_size=1)  # the same global batch of 2
+    (project / "ddp.yaml").write_text(yaml.safe_dump(smoke))
+    target = "results/smoke/models/joint.safetensors"
+    done = snakemake(project, target, "-p", "--configfile", "ddp.yaml")
+    out = done.stdout + done.stderr
+    assert "accelerate launch --multi_gpu --num_processes 2" in out
+    log = (project / "logs/smoke/finetune/joint.log").read_text()
+    assert "trained weights identical on 2 process(es)" in log
+    two, one = load_file(project / target), load_file(snake_project / target)
+    assert two.keys() == one.keys()
+    assert max(float((two[k] - one[k]).abs().max()) for k in two) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def local_slurm(tmp_path_factory):
+    from slurm_cluster import LocalSlurm, Unavailable, ensure_installed
+
+    try:
+        ensure_installed()
+        cluster = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
+    except Unavailable as err:
+        pytest.skip(f"no local SLURM: {err}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_smoke_run_through_the_slurm_profile_matches_the_local_run(
+    smoke_run, local_slurm, tmp_path_factory
+):
+    from safetensors.torch import load_file
+
+    snake_project, _ = smoke_run
+    project = copy_project(tmp_path_factory.mktemp("cluster"))
+    profile = yaml.safe_load((ROOT / "profiles/slurm/config.yaml").read_text())
+    profile["default-resources"] = {  # the test cluster's partition, no account, CPUs only
+        "slurm_partition": "test",
+        "mem_mb": 2000,
+        "runtime": 30,
+        "cpus_per_task": 1,
+    }
+    profile.pop("set-resources")
+    profile.update(
+        {"slurm-no-account": True, "jobs": 4, "slurm-init-seconds-before-status-checks": 1}
+    )
+    (project / "profiles/test-slurm").mkdir()
+    (project / "profiles/test-slurm/config.yaml").write_text(yaml.safe_dump(profile))
+    before = len(local_slurm.completed_jobs())
+    cmd = [
+        "snakemake",
+        "--profile",
+        "profiles/test-slurm",
+        "--configfile",
+        "config/test/smoke.yaml",
+    ]
+    done = subprocess.run(
+        cmd, cwd=project, env=local_slurm.env, capture_output=True, text=True, timeout=1800
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    jobs = job_counts(done.stdout + done.stderr)
+    records = local_slurm.completed_jobs()[before:]
+    submitted = sum(n for rule, n in jobs.items() if rule != "all")  # `all` runs locally
+    assert submitted >= 15 and len(records) == submitted
+    assert all("Partition=test" in r for r in records)
+    r, s = project / "results/smoke", snake_project / "results/smoke"
+    ours, local = (
+        load_file(r / "models/joint.safetensors"),
+        load_file(s / "models/joint.safetensors"),
+    )
+    assert all(torch_equal(ours[k], local[k]) for k in ours)
+    assert (
+        json.loads((r / "metrics.json").read_text())["sets"]
+        == json.loads((s / "metrics.json").read_text())["sets"]
+    )
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

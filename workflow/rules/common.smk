@@ -1,4 +1,5 @@
 # Shared definitions: the validated config, the experiment's plan, paths and helpers.
+import hashlib
 import json
 import os
 
@@ -106,3 +107,18 @@ def fid_files():
     if not CFG["evaluation"]["fid"]["reference"]:
         return []
     return [f"{R}/fid/{m}.json" for m in METHODS]
+
+
+def finetune_launcher(wildcards, resources):
+    """`python -m sepen finetune`, or accelerate's launcher with one process per GPU of the job
+    (finetune.processes overrides; several processes without GPUs run gloo on CPU)."""
+    gpus = int(resources.get("gpu", 0) or 0)
+    processes = CFG["finetune"]["processes"] or max(1, gpus)
+    if processes == 1:
+        return "python -m sepen finetune"
+    port = 29500 + int(hashlib.sha1(wildcards.model.encode()).hexdigest(), 16) % 1000
+    cpu = "" if gpus else " --cpu"
+    return (
+        f"accelerate launch --multi_gpu --num_processes {processes}"
+        f" --main_process_port {port} -m sepen finetune{cpu}"
+    )

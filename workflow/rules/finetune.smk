@@ -22,10 +22,11 @@ rule finetune:
         runtime=60 if TOY else 240,
         gpu=GPU,
     params:
+        launch=finetune_launcher,
         config=CONFIG,
         model=MODEL_ARG,
         config_keys=step_params(CFG, "finetune"),
     shell:
-        "python -m sepen finetune --config {params.config}{params.model} --plan {input.plan}"
+        "{params.launch} --config {params.config}{params.model} --plan {input.plan}"
         " --model-id {wildcards.model} --out {output.delta} --losses-out {output.losses}"
         " --resume latest 2> {log}"
