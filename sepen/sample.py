@@ -198,6 +198,13 @@ def sample_attend_excite(ae, entry: dict, seeds, sp: dict, ae_cfg: dict):
     ).images
 
 
+def _group(items: list, key) -> dict:
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return groups
+
+
 def plan_items(plan: dict, shard: int, shards: int) -> list[tuple[str, int]]:
     return [(pid, s) for pid in shard_prompts(plan, shard, shards) for s in plan["seeds"]]
 
@@ -246,37 +253,30 @@ def run(args: argparse.Namespace) -> dict:
         pipe = load_pipeline(model, config["model"]["revision"], dtype=dtype, device=device)
         switcher = DeltaSwitcher(pipe)
         sp = config["sampling"]
-        by_delta: dict = {}
-        for pid, s in todo:
-            by_delta.setdefault(deltas[pid], []).append((pid, s))
-        bar = tqdm(total=len(todo), desc=f"sampling {args.method}", mininterval=10)
-        if args.method == "attend_excite":
+        if args.method == "attend_excite":  # one prompt per call: its token indices
             ae = attend_excite_pipeline(pipe)
             ae_cfg = config["evaluation"]["attend_excite"]
-            by_prompt: dict[str, list[int]] = {}
-            for pid, s in todo:
-                by_prompt.setdefault(pid, []).append(s)
-            for pid, seeds in by_prompt.items():
-                entry = plan["prompts"][pid]
-                for lo in range(0, len(seeds), sp["batch_size"]):
-                    chunk = seeds[lo : lo + sp["batch_size"]]
-                    images = sample_attend_excite(ae, entry, chunk, sp, ae_cfg)
-                    for s, im in zip(chunk, images):
-                        save_png(im, image_path(images_dir, pid, s))
-                    bar.update(len(chunk))
-        for delta, group in by_delta.items() if args.method != "attend_excite" else ():
-            switcher.use(delta)
+            groups = _group(todo, lambda item: item[0])
+
+            def draw(chunk):
+                entry = plan["prompts"][chunk[0][0]]
+                return sample_attend_excite(ae, entry, [s for _, s in chunk], sp, ae_cfg)
+
+        else:  # one delta at a time (per-pair models), prompts batched across
+            groups = _group(todo, lambda item: deltas[item[0]])
+
+            def draw(chunk):
+                prompts = [plan["prompts"][pid]["prompt"] for pid, _ in chunk]
+                seeds = [s for _, s in chunk]
+                return sample(pipe, prompts, seeds, sp["steps"], sp["guidance_scale"], len(chunk))
+
+        bar = tqdm(total=len(todo), desc=f"sampling {args.method}", mininterval=10)
+        for key, group in groups.items():
+            if args.method != "attend_excite":
+                switcher.use(key)
             for lo in range(0, len(group), sp["batch_size"]):
                 chunk = group[lo : lo + sp["batch_size"]]
-                images = sample(
-                    pipe,
-                    [plan["prompts"][pid]["prompt"] for pid, _ in chunk],
-                    [s for _, s in chunk],
-                    sp["steps"],
-                    sp["guidance_scale"],
-                    sp["batch_size"],
-                )
-                for (pid, s), im in zip(chunk, images):
+                for (pid, s), im in zip(chunk, draw(chunk)):
                     save_png(im, image_path(images_dir, pid, s))
                 bar.update(len(chunk))
         bar.close()
