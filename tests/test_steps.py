@@ -219,3 +219,27 @@ def test_attention_maps_before_and_after_are_distributions_over_pixels(toy_setup
     assert np.allclose(maps.sum((1, 2)), 1, atol=1e-5) and (maps >= 0).all()
     # the capture processors are removed afterwards: sampling works as before
     assert all(type(p).__name__ != "SepenAttnProcessor" for p in pipe.unet.attn_processors.values())
+
+
+def test_finetune_plan_options_are_checked_before_any_work(toy_setup, capsys):
+    from sepen.finetune import cli
+
+    base = ["--config", str(toy_setup["config"]), "--out", str(toy_setup["dir"] / "d.safetensors")]
+    assert cli([*base, "--plan", str(toy_setup["plan_path"])]) == 2
+    assert "--plan and --model-id go together" in capsys.readouterr().err
+    assert cli([*base, "--plan", str(toy_setup["plan_path"]), "--model-id", "cat-dog"]) == 2
+    assert "model id 'cat-dog' is not in plan" in capsys.readouterr().err
+    assert not (toy_setup["dir"] / "d.state").exists()
+
+
+def test_fid_without_a_reference_folder_names_the_key(toy_setup, capsys):
+    from sepen.__main__ import main
+
+    manifest = toy_setup["dir"] / "m.json"
+    manifest.write_text(json.dumps({"method": "base", "shard": 0, "images": []}))
+    args = ["fid", "--config", str(toy_setup["config"]), "--manifests", str(manifest)]
+    assert main([*args, "--out", str(toy_setup["dir"] / "f.json")]) == 2
+    assert "evaluation.fid.reference is not set" in capsys.readouterr().err
+    missing = ["--set", f"evaluation.fid.reference={toy_setup['dir']}/real"]
+    assert main([*args, *missing, "--out", str(toy_setup["dir"] / "f.json")]) == 2
+    assert "real' does not exist" in capsys.readouterr().err
