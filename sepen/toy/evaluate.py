@@ -215,14 +215,12 @@ def image_grid(images: dict[str, np.ndarray], per_row: int = 8, scale: int = 4) 
 
 def cli(argv=None) -> int:
     import argparse
-    import json
-    import os
     import sys
-    import tempfile
     from pathlib import Path
 
     from PIL import Image
 
+    from sepen.atomic import write_json
     from sepen.config import load_config
     from sepen.errors import SepenError
     from sepen.logs import setup_logging
@@ -251,11 +249,7 @@ def cli(argv=None) -> int:
     except SepenError as err:
         print(f"sepen toy evaluate: error: {err}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(metrics, f, indent=2)
-    os.replace(tmp, args.out)
+    write_json(args.out, metrics)
     if args.grid:
         Image.fromarray(image_grid(images)).save(args.grid)
     for kind, entry in metrics["kinds"].items():

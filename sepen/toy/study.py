@@ -11,15 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
 
+from sepen.atomic import write_json, write_text
 from sepen.config import load_config
 from sepen.errors import ConfigError, SepenError
 
@@ -134,17 +133,9 @@ def run_study(
         log.info("cell %s done", cell["name"])
     results = compare(rows)
     study = {"n_images": n_images, "cells": cells, "results": results, "attention_share": shares}
-    _write(out_dir / "study.json", json.dumps(study, indent=2))
-    _write(out_dir / "study.md", markdown_table(results, cells, shares))
+    write_json(out_dir / "study.json", study)
+    write_text(out_dir / "study.md", markdown_table(results, cells, shares))
     return study
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def cli(argv=None) -> int:
