@@ -13,7 +13,6 @@ warm-up each, and the median is reported with its ratio to the stock pipeline. P
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -145,8 +144,11 @@ def run(arch: str, steps: int, repeats: int, device: str, dtype: str) -> dict:
     results.update({f"{k}_s": v for k, v in seconds.items()})
     if device == "cuda":
         results["card"] = torch.cuda.get_device_name()
+    for k in ("stock", "sepen", "attend_excite"):
+        results[f"{k}_images_per_s"] = 1.0 / results[f"{k}_s"]
     for k in ("sepen", "attend_excite"):
         results[f"{k}_vs_stock"] = results[f"{k}_s"] / results["stock_s"]
+        results[f"{k}_speed_vs_stock"] = results["stock_s"] / results[f"{k}_s"]
     return results
 
 
@@ -164,13 +166,22 @@ def main(argv=None) -> dict:
         f"sampling cost per image, {r['arch']} architecture, {r['steps']} steps, "
         f"{r['device']} ({r.get('card', 'cpu')}), {r['dtype']}"
     )
-    print(f"{'method':<16}{'seconds':>10}{'x stock':>10}")
-    print(f"{'stock diffusers':<16}{r['stock_s']:>10.3f}{1.0:>10.2f}")
-    print(f"{'+ SepEn delta':<16}{r['sepen_s']:>10.3f}{r['sepen_vs_stock']:>10.2f}")
-    print(f"{'Attend-Excite':<16}{r['attend_excite_s']:>10.3f}{r['attend_excite_vs_stock']:>10.2f}")
+    print(f"{'method':<16}{'s/image':>10}{'images/s':>10}{'x time':>8}{'x speed':>9}")
+    for key, label in (
+        ("stock", "stock diffusers"),
+        ("sepen", "+ SepEn delta"),
+        ("attend_excite", "Attend-Excite"),
+    ):
+        time_ratio = r.get(f"{key}_vs_stock", 1.0)
+        speed_ratio = r.get(f"{key}_speed_vs_stock", 1.0)
+        print(
+            f"{label:<16}{r[key + '_s']:>10.3f}{r[key + '_images_per_s']:>10.3f}"
+            f"{time_ratio:>8.2f}{speed_ratio:>9.2f}"
+        )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(r, indent=2))
+        from sepen.atomic import write_json
+
+        write_json(args.json, r)
     return r
 
 

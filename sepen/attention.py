@@ -6,6 +6,12 @@ explicitly (softmax over all text tokens, per head), records them with their gra
 `AttentionStore`, and multiplies them with the values; elsewhere it calls scaled-dot-product
 attention. Its output equals diffusers' `AttnProcessor2_0`. The start-of-text token's key (and
 value) is detached, so that token's projection stays fixed during finetuning (METHOD.md).
+
+Two switches of the store make finetuning cheap (docs/performance.md): `columns` keeps only the
+text tokens the losses read (the softmax still runs over all tokens), and `stop_after` ends the
+UNet's forward pass with `ForwardStopped` right after that layer's maps are recorded, so the
+layers after it (in SD 1.x the two highest-resolution up blocks) never run. `run_until_captured`
+calls the UNet that way.
 """
 
 from __future__ import annotations
@@ -21,11 +27,16 @@ from sepen.errors import ResolutionError
 _LAYER = re.compile(r"^(down_blocks\.(\d+)|mid_block|up_blocks\.(\d+))\.")
 
 
+class ForwardStopped(Exception):
+    """Raised by the capturing processor of `AttentionStore.stop_after` once its maps are kept."""
+
+
 @dataclass
 class AttentionStore:
     """Attention probabilities recorded during one UNet forward pass.
 
-    Each entry of `maps` has shape (B, heads, h, w, T). Call `reset()` before a forward pass.
+    Each entry of `maps` has shape (B, heads, h, w, T), or (B, heads, h, w, K) with `columns`
+    set to K token positions. Call `reset()` before a forward pass.
     """
 
     maps: list[torch.Tensor] = field(default_factory=list)
@@ -33,6 +44,8 @@ class AttentionStore:
     latent_size: tuple[int, int] | None = None
     enabled: bool = True
     captured: list[str] = field(default_factory=list)  # layers set up to record, forward order
+    columns: torch.Tensor | None = None  # keep only these text-token columns (None: all)
+    stop_after: str | None = None  # raise ForwardStopped after recording this layer
 
     def reset(self) -> None:
         self.maps.clear()
@@ -153,7 +166,11 @@ class SepenAttnProcessor:
                 scores = scores + attention_mask.float()
             probs = scores.softmax(-1)  # (B, heads, L, T)
             h, w = _grid(self.store.latent_size, self.factor, length)
-            self.store.record(self.name, probs.view(batch, attn.heads, h, w, tokens))
+            columns = self.store.columns
+            kept = probs if columns is None else probs.index_select(-1, columns.to(probs.device))
+            self.store.record(self.name, kept.view(batch, attn.heads, h, w, kept.shape[-1]))
+            if self.store.stop_after == self.name:
+                raise ForwardStopped(self.name)
             hidden_states = torch.matmul(probs.to(value.dtype), value)
         else:
             hidden_states = F.scaled_dot_product_attention(
@@ -265,3 +282,24 @@ def install_capture(
             processors[key] = processor
     unet.set_attn_processor(processors)
     return store
+
+
+def run_until_captured(unet, store: AttentionStore, *args, **kwargs) -> torch.Tensor:
+    """The aggregated maps of one UNet call that stops after the last captured layer.
+
+    Nothing after that layer runs, so nothing after it is stored for the backward pass either.
+    `store.columns` is left as the caller set it.
+    """
+    if not store.captured:
+        raise RuntimeError("no layer is set up to capture: pass resolutions to install_capture()")
+    store.reset()
+    store.stop_after = store.captured[-1]
+    try:
+        unet(*args, **kwargs)
+    except ForwardStopped:
+        pass
+    else:
+        raise RuntimeError(f"layer {store.captured[-1]!r} did not run: is the store enabled?")
+    finally:
+        store.stop_after = None
+    return store.aggregate()

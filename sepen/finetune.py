@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from sepen.attention import install_capture
 from sepen.config import load_config
 from sepen.errors import SepenError
-from sepen.losses import norm_loss, total_loss
+from sepen.objective import SepenObjective, StepInputs
 from sepen.sampling import sample
-from sepen.tokens import aggregate_token_maps, concept_token_positions, prompt_ids
+from sepen.tokens import concept_token_positions, prompt_ids
 
 log = logging.getLogger("sepen.finetune")
 
@@ -316,16 +316,60 @@ def encode(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
         return text_encoder(ids)[0]
 
 
-def concept_maps(store, prompts, concepts, tokenizer, how: str, cache: dict) -> torch.Tensor:
-    """(B, N, H, h, w) maps of each sample's concepts from the captured attention."""
-    maps = store.aggregate()[: len(prompts)]
-    out = []
-    for b, (prompt, names) in enumerate(zip(prompts, concepts)):
-        key = (prompt, tuple(names))
-        if key not in cache:
-            cache[key] = concept_token_positions(tokenizer, prompt, names)
-        out.append(aggregate_token_maps(maps[b], cache[key], how))
-    return torch.stack(out)
+class Positions:
+    """Concept token positions of prompts, looked up once per (prompt, concepts)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.cache: dict = {}
+
+    def __call__(self, prompts, concepts) -> list[list[list[int]]]:
+        out = []
+        for prompt, names in zip(prompts, concepts):
+            key = (prompt, tuple(names))
+            if key not in self.cache:
+                self.cache[key] = concept_token_positions(self.tokenizer, prompt, names)
+            out.append(self.cache[key])
+        return out
+
+
+def step_inputs(
+    pair: Batch, single: Batch | None, embed, positions, add_noise, device, dtype
+) -> StepInputs:
+    """The objective's inputs from the drawn signal: noisy latents, timesteps, text embeddings.
+
+    `embed(prompts)` gives text embeddings, `positions(prompts, concepts)` token positions,
+    `add_noise(latents, noise, timesteps)` the noisy latents (the scheduler's add_noise).
+    """
+
+    def tensors(b: Batch):
+        t = b.timesteps.to(device)
+        noisy = add_noise(b.latents.to(device), b.noise.to(device), t).to(dtype)
+        return noisy, t, embed(b.prompts)
+
+    return StepInputs(
+        *tensors(pair),
+        positions=positions(pair.prompts, pair.concepts),
+        single=tensors(single) if single is not None else None,
+    )
+
+
+class TextEmbeddings:
+    """Frozen text-encoder outputs; each prompt's kept after its first use."""
+
+    def __init__(self, tokenizer, text_encoder, device, limit: int = 4096):
+        self.tokenizer, self.text_encoder, self.device = tokenizer, text_encoder, device
+        self.cache: dict[str, torch.Tensor] = {}
+        self.limit = limit
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self.cache))
+        if missing:
+            if len(self.cache) + len(missing) > self.limit:
+                self.cache.clear()
+            emb = encode(self.tokenizer, self.text_encoder, missing, self.device)
+            self.cache.update(zip(missing, emb))
+        return torch.stack([self.cache[p] for p in prompts])
 
 
 def main(args: argparse.Namespace) -> Path:
@@ -364,12 +408,7 @@ def main(args: argparse.Namespace) -> Path:
 
     from sepen.delta import save_delta, unet_delta_tensors
     from sepen.models.loading import load_pipeline
-    from sepen.trainable import (
-        original_weights,
-        prepare_trainable,
-        trainable_layers,
-        value_layers,
-    )
+    from sepen.trainable import prepare_trainable, trainable_layers, value_layers
 
     accelerator = Accelerator(
         cpu=args.cpu,
@@ -433,10 +472,17 @@ def main(args: argparse.Namespace) -> Path:
     originals = (
         None if ft["trainable"] == "lora" else {n: p.detach().clone() for n, p in params.items()}
     )
+    if config["performance"]["channels_last"]:
+        unet.to(memory_format=torch.channels_last)
+    if config["performance"]["compile"]:
+        from sepen.objective import compile_blocks
+
+        log.info("torch.compile: %d blocks", compile_blocks(unet, store.captured))
     lr = ft["learning_rate"] * (sampler.per_step if ft["scale_lr"] else 1)
     optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=ft["weight_decay"])
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    raw_unet = accelerator.unwrap_model(unet)
+    objective = SepenObjective.from_settings(unet, store, ft, originals)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    raw_unet = accelerator.unwrap_model(objective).unet
 
     def save_hook(models, weights, folder):
         if accelerator.is_main_process:
@@ -482,7 +528,6 @@ def main(args: argparse.Namespace) -> Path:
         accelerator.num_processes,
     )
 
-    cache: dict = {}
     progress = tqdm(
         range(start_step, ft["steps"]),
         initial=start_step,
@@ -492,45 +537,23 @@ def main(args: argparse.Namespace) -> Path:
         miniters=max(1, ft["steps"] // 100),
         mininterval=5,
     )
-    text_cache: dict = {}
+    embed = TextEmbeddings(tokenizer, text_encoder, device)
+    positions = Positions(tokenizer)
     for step in progress:
         totals = {"loss": 0.0, "separate": 0.0, "enhance": 0.0, "norm": 0.0}
         for micro in range(ft["gradient_accumulation_steps"]):
-            with accelerator.accumulate(unet):
+            with accelerator.accumulate(objective):
                 pair, single = sampler.step(step, micro, accelerator.process_index)
-                batches = [pair] + ([single] if single else [])
-                prompts = [p for b in batches for p in b.prompts]
-                if ft["mode"] == "pairs" and not single:
-                    key = prompts[0]
-                    if key not in text_cache:
-                        text_cache[key] = encode(tokenizer, text_encoder, [key], device)
-                    emb = text_cache[key].expand(len(prompts), -1, -1)
-                else:
-                    emb = encode(tokenizer, text_encoder, prompts, device)
-                latents = torch.cat([b.latents for b in batches]).to(device)
-                noise = torch.cat([b.noise for b in batches]).to(device)
-                t = torch.cat([b.timesteps for b in batches]).to(device)
-                noisy = noise_scheduler.add_noise(latents, noise, t).to(weight_dtype)
-                store.reset()
-                pred = unet(noisy, t, emb).sample
-                maps = concept_maps(
-                    store, pair.prompts, pair.concepts, tokenizer, ft["token_aggregation"], cache
+                inputs = step_inputs(
+                    pair,
+                    single,
+                    embed,
+                    positions,
+                    noise_scheduler.add_noise,
+                    device,
+                    weight_dtype,
                 )
-                norm = None
-                if single:
-                    n = len(pair.prompts)
-                    store.enabled = False
-                    try:
-                        with (
-                            torch.no_grad(),
-                            accelerator.autocast(),
-                            original_weights(raw_unet, originals),
-                        ):
-                            frozen = raw_unet(noisy[n:], t[n:], emb[n:]).sample
-                    finally:
-                        store.enabled = True
-                    norm = norm_loss(pred[n:], frozen)
-                parts = total_loss(maps, ft["lambda_sep"], ft["lambda_en"], norm, ft["lambda_norm"])
+                parts = objective(inputs)
                 accelerator.backward(parts["loss"])
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(list(params.values()), ft["max_grad_norm"])

@@ -70,7 +70,7 @@ def concept_lists(config: dict) -> dict:
     ev = config["evaluation"]
     source = ev["prompts"]
     if source == "toy":
-        from sepen.toy.pretrain import prepare_world
+        from sepen.toy.world import prepare_world
 
         toy = prepare_world(config)
         concepts = list(toy["concepts"])

@@ -1,6 +1,9 @@
 """The benchmark scripts run (at tiny size, on CPU) and report ratios they measured."""
 
 import importlib.util
+import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,17 +18,53 @@ def _load(name):
     return module
 
 
-def test_sampling_cost_times_stock_sepen_and_attend_excite(tmp_path, capsys):
-    bench = _load("sampling_cost")
-    out = tmp_path / "r.json"
-    r = bench.main(
-        ["--arch", "tiny", "--steps", "4", "--repeats", "1", "--device", "cpu", "--json", str(out)]
+def test_gpu_script_runs_at_tiny_size_on_cpu_and_reports_measured_ratios(tmp_path):
+    env = {**os.environ, "SEPEN_BENCH_OUT": str(tmp_path)}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "--tiny"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
     )
-    assert all(r[k] > 0 for k in ("stock_s", "sepen_s", "attend_excite_s"))
-    assert r["sepen_vs_stock"] == r["sepen_s"] / r["stock_s"]
-    printed = capsys.readouterr().out
-    assert "Attend-Excite" in printed and f"{r['attend_excite_vs_stock']:.2f}" in printed
-    assert out.read_text().count("stock_s") == 1
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cpu-tiny-finetune.json",
+        "cpu-tiny-sampling.json",
+        "cpu-tiny.txt",
+    ]
+    step = json.loads((tmp_path / "cpu-tiny-finetune.json").read_text())
+    rows = {(r["mode"], r["variant"]): r for r in step["rows"]}
+    assert set(rows) == {(m, v) for m in ("pairs", "joint") for v in ("reference", "ours")}
+    for mode in ("pairs", "joint"):
+        ref, ours = rows[mode, "reference"], rows[mode, "ours"]
+        assert ref["loss_gap"] == 0 and ours["loss_gap"] <= 1e-5
+        assert ours["speedup"] == pytest.approx(ref["step_s"] / ours["step_s"])
+        assert 0 < ours["peak_mb"] < 0.8 * ref["peak_mb"]  # no frozen copy, no stored maps
+        assert ours["flops"] < ref["flops"]  # the early exit skips the last up block
+        assert ours["tflops"] == pytest.approx(ours["flops"] / ours["step_s"] / 1e12)
+    assert step["matmul_tflops"] > 0
+    sampling = json.loads((tmp_path / "cpu-tiny-sampling.json").read_text())
+    assert all(sampling[f"{k}_s"] > 0 for k in ("stock", "sepen", "attend_excite"))
+    assert sampling["sepen_speed_vs_stock"] == pytest.approx(
+        sampling["stock_s"] / sampling["sepen_s"]
+    )
+    text = (tmp_path / "cpu-tiny.txt").read_text()
+    assert text.startswith("# cpu-tiny") and "finetuning step: tiny UNet" in text
+    assert f"{sampling['attend_excite_images_per_s']:.3f}" in text
+
+
+def test_the_loss_check_compares_every_step_and_part():
+    bench = _load("finetune_step")
+    a = [
+        {"loss": 1.0, "separate": 0.5, "enhance": 1.0},
+        {"loss": 0.9, "separate": 0.4, "enhance": 1.0},
+    ]
+    b = [dict(a[0]), {**a[1], "enhance": 1.0 + 3e-5}]
+    assert bench.max_loss_gap(a, a) == 0
+    assert bench.max_loss_gap(a, b) == pytest.approx(3e-5)
+    with pytest.raises(ValueError):  # a variant that ran fewer steps is not compared silently
+        bench.max_loss_gap(a, a[:1])
 
 
 @pytest.mark.slow

@@ -136,3 +136,23 @@ def test_concepts_and_prompts_commands_write_the_plan(tmp_path):
         )
         == 2
     )
+
+
+def test_the_workflow_builds_its_plan_without_importing_torch():
+    """The Snakefile builds the plan at parse time: torch's import (seconds) must stay out of it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from sepen.config import load_config\n"
+        "from sepen.plan import build_plan\n"
+        "import sepen.report, sepen.workflow\n"
+        "for path in ('config/config.yaml', 'config/sd14_joint.yaml'):\n"
+        "    assert build_plan(load_config(path))['order']\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,33 @@ def test_smoke_rerun_is_a_no_op_and_a_changed_key_reruns_only_what_reads_it(smok
     assert counts["finetune"] == 1 and counts["sample"] == 2  # the two sepen shards
     assert "concepts" not in counts and "prompts" not in counts
     assert counts["metrics"] == 2 and counts["aggregate"] == 1
+
+
+@pytest.mark.slow
+def test_workflow_overhead_bench_times_the_no_op_and_the_joint_dag(smoke_run, tmp_path):
+    project, _ = smoke_run
+    out = tmp_path / "overhead.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "workflow_overhead.py"),
+        "--directory",
+        str(project),
+    ]
+    opts = ["--configfile", "config/test/smoke.yaml", "--repeats", "1", "--json", str(out)]
+    proc = run([*cmd, *opts], project)
+    r = json.loads(out.read_text())
+    assert r["dag_jobs"] == 57  # sd14_joint: 1 finetune, 3 methods x 8 shards to sample and score
+    assert 0 < r["startup_s"] and r["noop_vs_startup"] == r["noop_s"] / r["startup_s"]
+    assert f"{r['dag_s']:.2f}" in proc.stdout and "sd14_joint.yaml" in proc.stdout
+    # a project whose run is not finished is refused, not timed
+    config = project / "config/test/smoke.yaml"
+    text = config.read_text()
+    config.write_text(text.replace("  steps: 6\n", "  steps: 7\n"))
+    try:
+        refused = run([*cmd, *opts], project, check=False)
+    finally:
+        config.write_text(text)
+    assert refused.returncode != 0 and "is not finished" in refused.stderr
 
 
 @pytest.mark.slow

@@ -54,6 +54,26 @@ def tiny_unet_config(sample_size: int = 16, cross_attention_dim: int = 32) -> di
     )
 
 
+def sd_unet_config(width: float = 1.0, sample_size: int = 64) -> dict:
+    """Stable Diffusion 1.x's UNet configuration, its channels scaled by `width` (1.0: SD 1.4).
+
+    Heads stay 8 per layer, as in SD 1.x; the cross-attention width stays 768 (CLIP ViT-L/14).
+    """
+    channels = tuple(max(8, int(round(c * width / 8)) * 8) for c in (320, 640, 1280, 1280))
+    return dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=channels,
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32 if width >= 0.5 else 8,
+    )
+
+
 def build_tiny_pipeline(seed: int = 0, sample_size: int = 16, cross_attention_dim: int = 32):
     """A StableDiffusionPipeline with random weights (deterministic for `seed`)."""
     from diffusers import (

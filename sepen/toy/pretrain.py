@@ -27,7 +27,7 @@ from sepen.command import run_step, step_parser
 from sepen.config import load_config
 from sepen.tokens import prompt_ids
 from sepen.toy.model import build_toy_pipeline
-from sepen.toy.world import pair_split, prompt_for, scene_batch
+from sepen.toy.world import prepare_world, prompt_for, scene_batch
 
 log = logging.getLogger("sepen.toy.pretrain")
 
@@ -147,13 +147,6 @@ def validate(pipe, toy: dict, sampling: dict, n: int, seed: int = 10_000) -> dic
         )
         results[kind] = score(images, named)
     return results
-
-
-def prepare_world(config: dict) -> dict:
-    toy = dict(config["toy"])
-    trained, held = pair_split(toy["concepts"], toy["held_out_pairs"], toy["split_seed"])
-    toy["_trained_pairs"], toy["_held_out_pairs"] = trained, held
-    return toy
 
 
 def world_settings(toy: dict) -> dict:

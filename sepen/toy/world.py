@@ -208,3 +208,14 @@ def scene_batch(
         prompts.append(prompt_for(chosen, conjunction))
         named.append(chosen)
     return np.stack(images), prompts, named
+
+
+def prepare_world(config: dict) -> dict:
+    """The config's toy section with its trained and held-out pairs (`_trained_pairs`, ...).
+
+    Plain Python and numpy, so that building the workflow's DAG does not import torch.
+    """
+    toy = dict(config["toy"])
+    trained, held = pair_split(toy["concepts"], toy["held_out_pairs"], toy["split_seed"])
+    toy["_trained_pairs"], toy["_held_out_pairs"] = trained, held
+    return toy

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# SepEn's GPU benchmark as one prepared run (under 8 minutes on an H100/H200):
+#  - a finetuning step, Stable Diffusion 1.4's UNet (random weights) at 512 px (64x64 latents),
+#    batch 4, bf16: ours vs the reference loop (losses checked equal in float32 first), median step
+#    time, peak memory, achieved TFLOP/s against this card's measured bf16 matmul rate;
+#  - sampling images/s: stock diffusers vs + a SepEn delta vs Attend-and-Excite, SD 1.4
+#    architecture at 512 px, 50 steps, bf16.
+# Results go to bench/results/<card>.txt (the printed tables) and <card>-*.json.
+#
+#   bench/gpu.sh            # on the GPU machine
+#   bench/gpu.sh --tiny     # the same script on CPU with the tiny model (seconds; the tests run it)
+# SEPEN_BENCH_OUT=<folder> writes elsewhere.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${SEPEN_BENCH_OUT:-bench/results}
+if [[ "${1:-}" == "--tiny" ]]; then
+  device=cpu
+  step=(--size tiny --batch 2 --repeats 1 --dtype float32 --ablations)
+  sampling=(--arch tiny --steps 4 --repeats 1 --dtype float32)
+  card="cpu-tiny"
+else
+  device=cuda
+  python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: run bench/gpu.sh --tiny on CPU')"
+  step=(--size sd14 --latent 64 --batch 4 --repeats 5 --dtype bfloat16 --ablations ours-no-exit)
+  sampling=(--arch sd14 --steps 50 --repeats 3 --dtype bfloat16)
+  card=$(python -c "import torch; print(torch.cuda.get_device_name())")
+fi
+name=$(printf '%s' "$card" | tr -c 'A-Za-z0-9.-' '_')
+mkdir -p "$out"
+tmp="$out/.$name.txt.partial"
+{
+  echo "# $card, $(date -u +%Y-%m-%dT%H:%MZ), torch $(python -c 'import torch; print(torch.__version__)')"
+  echo "\$ bench/gpu.sh $*"
+  python bench/finetune_step.py "${step[@]}" --device "$device" --flops --json "$out/$name-finetune.json"
+  echo
+  python bench/sampling_cost.py "${sampling[@]}" --device "$device" --json "$out/$name-sampling.json"
+} | tee "$tmp"
+mv "$tmp" "$out/$name.txt"
+echo "wrote $out/$name.txt"
