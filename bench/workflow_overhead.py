@@ -2,7 +2,8 @@
 
 Times, as medians of `--repeats` runs in turns:
 - start-up: `snakemake --version` (the interpreter and Snakemake's import; the floor of any call);
-- no-op: `snakemake --cores all` in a finished project (it must report "Nothing to be done");
+- no-op: `snakemake --cores all` in a finished project (checked first with a dry run, so that
+  an unfinished project is refused before any of its jobs runs);
 - DAG: `snakemake -n --cores all --configfile config/sd14_joint.yaml`, a dry run that builds the
   whole DAG of the large-scale joint config (its job count is printed beside it).
 
@@ -46,6 +47,13 @@ def measure(directory: Path, configfile: str | None, dag_config: str, repeats: i
         "noop": ["snakemake", "--cores", "all", *extra],
         "dag": ["snakemake", "-n", "--cores", "all", "--configfile", dag_config],
     }
+    # a dry run first: timing the "no-op" of an unfinished workflow would run its jobs
+    _, planned = _timed(["snakemake", "-n", "--cores", "all", *extra], directory)
+    if "Nothing to be done" not in planned:
+        raise SystemExit(
+            f"the workflow in {directory} is not finished (a dry run lists jobs to run): "
+            f"run `snakemake --cores all {' '.join(extra)}` there first"
+        )
     times: dict[str, list[float]] = {k: [] for k in commands}
     outputs: dict[str, str] = {}
     for _ in range(repeats):
@@ -53,10 +61,7 @@ def measure(directory: Path, configfile: str | None, dag_config: str, repeats: i
             seconds, outputs[key] = _timed(cmd, directory)
             times[key].append(seconds)
     if "Nothing to be done" not in outputs["noop"]:
-        raise SystemExit(
-            f"the workflow in {directory} is not finished (the no-op run did work): "
-            f"run `snakemake --cores all {' '.join(extra)}` there first"
-        )
+        raise SystemExit(f"the no-op run in {directory} did work:\n{outputs['noop'][-2000:]}")
     r = {k: statistics.median(v) for k, v in times.items()}
     return {
         "directory": str(directory),

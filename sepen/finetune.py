@@ -355,21 +355,24 @@ def step_inputs(
 
 
 class TextEmbeddings:
-    """Frozen text-encoder outputs; each prompt's kept after its first use."""
+    """Frozen text-encoder outputs of one batch of prompts.
 
-    def __init__(self, tokenizer, text_encoder, device, limit: int = 4096):
+    A batch of one repeated prompt (pairs mode) reuses that prompt's embedding, encoded alone
+    once; any other batch is encoded as a whole. Either way a step's embeddings do not depend on
+    earlier steps, so a resumed run continues bit-exactly.
+    """
+
+    def __init__(self, tokenizer, text_encoder, device):
         self.tokenizer, self.text_encoder, self.device = tokenizer, text_encoder, device
         self.cache: dict[str, torch.Tensor] = {}
-        self.limit = limit
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
-        missing = list(dict.fromkeys(p for p in prompts if p not in self.cache))
-        if missing:
-            if len(self.cache) + len(missing) > self.limit:
-                self.cache.clear()
-            emb = encode(self.tokenizer, self.text_encoder, missing, self.device)
-            self.cache.update(zip(missing, emb))
-        return torch.stack([self.cache[p] for p in prompts])
+        if len(set(prompts)) > 1:
+            return encode(self.tokenizer, self.text_encoder, prompts, self.device)
+        prompt = prompts[0]
+        if prompt not in self.cache:
+            self.cache = {prompt: encode(self.tokenizer, self.text_encoder, [prompt], self.device)}
+        return self.cache[prompt].expand(len(prompts), -1, -1)
 
 
 def main(args: argparse.Namespace) -> Path:

@@ -99,7 +99,7 @@ class SepenObjective(torch.nn.Module):
         """(B, N, H, h, w): each sample's concept maps, from one (early-exit) UNet call."""
         if self.capture_columns:
             columns, groups = token_columns(inputs.positions)
-            self.store.columns = columns
+            self.store.columns = columns.to(inputs.noisy.device)
         else:
             groups = inputs.positions
         args = (inputs.noisy, inputs.timesteps, inputs.emb)

@@ -81,8 +81,13 @@ def test_pairs_finetune_writes_a_delta_of_the_keys_only(config, tmp_path, tiny_p
     assert float(rows[0]["lr"]) == pytest.approx(5e-4 * 2)  # scaled by the global batch
 
 
-def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(config, tmp_path):
-    cfg = config(steps=5, checkpointing_steps=2, checkpoints_total_limit=2)
+@pytest.mark.parametrize(
+    "mode",
+    [{}, {"mode": "joint", "concepts": ["cat", "dog", "bird", "horse"]}],
+    ids=["pairs", "joint"],
+)
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(config, tmp_path, mode):
+    cfg = config(steps=5, checkpointing_steps=2, checkpoints_total_limit=2, **mode)
     whole = load_file(str(_run("--config", cfg, "--out", tmp_path / "a.safetensors")))
     _run("--config", cfg, "--out", tmp_path / "b.safetensors", "--stop-after", 3)
     assert not (tmp_path / "b.safetensors").exists()

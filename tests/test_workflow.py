@@ -202,15 +202,18 @@ def test_workflow_overhead_bench_times_the_no_op_and_the_joint_dag(smoke_run, tm
     assert r["dag_jobs"] == 57  # sd14_joint: 1 finetune, 3 methods x 8 shards to sample and score
     assert 0 < r["startup_s"] and r["noop_vs_startup"] == r["noop_s"] / r["startup_s"]
     assert f"{r['dag_s']:.2f}" in proc.stdout and "sd14_joint.yaml" in proc.stdout
-    # a project whose run is not finished is refused, not timed
+    # a project whose run is not finished is refused before any of its jobs runs
     config = project / "config/test/smoke.yaml"
     text = config.read_text()
+    delta = project / "results/smoke/models/joint.safetensors"
+    before = (delta.read_bytes(), delta.stat().st_mtime_ns)
     config.write_text(text.replace("  steps: 6\n", "  steps: 7\n"))
     try:
         refused = run([*cmd, *opts], project, check=False)
     finally:
         config.write_text(text)
     assert refused.returncode != 0 and "is not finished" in refused.stderr
+    assert (delta.read_bytes(), delta.stat().st_mtime_ns) == before
 
 
 @pytest.mark.slow
