@@ -27,11 +27,11 @@ def sd14_pipeline(seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from sepen.models import build_clip_tokenizer
-    from sepen.models.tiny import SD_SCHEDULER, assemble_pipeline
+    from sepen.models.tiny import SD_SCHEDULER, assemble_pipeline, sd_unet_config
 
     tokenizer = build_clip_tokenizer()
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+    unet = UNet2DConditionModel(**sd_unet_config(1.0, sample_size=64))
     vae = AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
