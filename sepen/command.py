@@ -7,7 +7,6 @@ the problem and its fix, with exit status 2; anything else is a bug and keeps it
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,8 +36,7 @@ def run_step(prog: str, body: Callable[[], object]) -> int:
     setup_logging()
     try:
         body()
-    except SepenError as err:
-        logging.getLogger("sepen").error("%s", err)
+    except SepenError as err:  # one line on stderr (the rule's log): the value and the fix
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return 0

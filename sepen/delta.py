@@ -8,18 +8,40 @@ base model. Nothing is ever unpickled.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import struct
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from sepen.atomic import atomic_path
 from sepen.errors import DeltaError
 
 FORMAT = "sepen-delta"
 VERSION = "1"
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> bytes:
+    """A safetensors file whose bytes depend only on the tensors and metadata.
+
+    safetensors writes its JSON header in hash-map order, which changes from process to
+    process, so the same delta gave files with different hashes. The header is re-written with
+    sorted keys, padded with spaces to 8 bytes as the format asks; its data offsets count from
+    the start of the data section, so they stay valid.
+    """
+    raw = save(tensors, metadata=metadata)
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + raw[8 + size :]
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Write `safetensors_bytes` atomically (a temp file, then a rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(safetensors_bytes(tensors, metadata))
 
 
 def unet_delta_tensors(unet, trainable: str) -> dict[str, torch.Tensor]:
@@ -65,14 +87,7 @@ def save_delta(
     }
     if lora_scale is not None:
         metadata["lora_scale"] = repr(float(lora_scale))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_safetensors(path, tensors, metadata)
     return path
 
 
@@ -149,6 +164,25 @@ def apply_delta(pipeline, path: str | Path) -> dict[str, str]:
         for name, value in updates.items():
             params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))
     return metadata
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two base-model references name the same model (hub ids, or local folders by
+    their resolved paths)."""
+    pa, pb = Path(a), Path(b)
+    if pa.is_dir() and pb.is_dir():
+        return pa.resolve() == pb.resolve()
+    return str(a) == str(b)
+
+
+def check_base_model(path: str | Path, model: str) -> None:
+    """A DeltaError when the delta at `path` was trained on another base model than `model`."""
+    base = read_delta(path)[1].get("base_model", "")
+    if not same_model(base, model):
+        raise DeltaError(
+            f"delta {str(path)!r} was trained on base model {base!r}, not on {model!r}: "
+            f"sample it with --model {base} (or finetune it again on {model!r})"
+        )
 
 
 def _mismatch(path, base: str, detail: str) -> str:

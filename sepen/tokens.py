@@ -80,6 +80,12 @@ def concept_token_positions(tokenizer, prompt: str, concepts: Sequence[str]) -> 
                 f"concept {concept!r} in prompt {prompt!r} maps to no token of "
                 f"{type(tokenizer).__name__}"
             )
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if unk is not None and any(encoding["input_ids"][p] == unk for p in found):
+            raise ConceptNotFoundError(
+                f"concept {concept!r} is not in the vocabulary of {type(tokenizer).__name__} "
+                f"(it becomes {tokenizer.unk_token!r}): use one of the model's concepts"
+            )
         if max(found) > last_kept:
             raise ConceptNotFoundError(
                 f"concept {concept!r} is cut off by the tokenizer's maximum length "

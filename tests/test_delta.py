@@ -138,7 +138,7 @@ def test_save_delta_is_atomic(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("sepen.delta.save_file", broken)
+    monkeypatch.setattr("sepen.delta.safetensors_bytes", broken)
     with pytest.raises(OSError, match="disk full"):
         save_delta(
             target,
@@ -150,3 +150,24 @@ def test_save_delta_is_atomic(tmp_path, monkeypatch):
         )
     assert target.read_bytes() == original
     assert [p.name for p in tmp_path.iterdir()] == ["d.safetensors"]
+
+
+def test_the_same_delta_written_by_two_processes_is_the_same_file(tmp_path):
+    """safetensors orders its header as a hash map does, differently in every process; sepen's
+    writer sorts it, so that a re-run's delta has the same hash (the kill tests compare them)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from sepen.delta import save_delta\n"
+        "t = {f'l{i}.to_k.weight': torch.full((2, 3), float(i)) for i in range(12)}\n"
+        "save_delta(sys.argv[1], t, base_model='m', revision=None, trainable='to_k',"
+        " config={'a': 1})\n"
+    )
+    files = [tmp_path / f"d{i}.safetensors" for i in range(3)]
+    for f in files:
+        subprocess.run([sys.executable, "-c", code, str(f)], check=True)
+    assert len({f.read_bytes() for f in files}) == 1
+    tensors, meta = read_delta(files[0])
+    assert tensors["l5.to_k.weight"].eq(5.0).all() and meta["base_model"] == "m"
