@@ -20,6 +20,7 @@ Before any time is printed, every variant's per-step losses must equal the refer
     python bench/finetune_step.py --size sd-quarter --repeats 5           # CPU, about 3 min
     python bench/finetune_step.py --size sd14 --repeats 2                 # CPU, 32x32 latents
     python bench/finetune_step.py --size sd14 --latent 64 --dtype bfloat16 --device cuda
+    python bench/finetune_step.py --size sdxl-quarter --repeats 3        # SDXL layout, CPU
 """
 
 from __future__ import annotations
@@ -37,10 +38,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SIZES = {  # name: (UNet width relative to SD 1.4 or "tiny", default latent side)
+SIZES = {  # name: (UNet width relative to SD 1.4 / SDXL, or "tiny", default latent side)
     "tiny": ("tiny", 16),
     "sd-quarter": (0.25, 32),
     "sd14": (1.0, 32),
+    "sdxl-tiny": ("tiny", 16),  # SDXL's layout at a tiny width (tests)
+    "sdxl-quarter": (0.25, 32),  # SDXL's layout at a quarter of its width
+    "sdxl": (1.0, 128),
 }
 VARIANTS = {
     "reference": "reference loop (authors' structure)",
@@ -96,19 +100,23 @@ class ReferenceProcessor:
         return out
 
 
-def reference_maps(store: ReferenceStore, sides, heads: int, batch: int) -> torch.Tensor:
+def reference_maps(store: ReferenceStore, sides, batch: int) -> torch.Tensor:
     """(B, H, h, w, T): the stored cross-attention maps of the chosen grids, each layer's maps
-    resized (bilinear) to the largest grid, averaged over layers."""
+    resized (bilinear) to the largest grid, averaged over layers (over each layer's heads
+    first where layers differ in head count, as SDXL's levels do)."""
     top = max(sides)
     maps = []
     for side in sides:
         for m in store.maps[("cross", side * side)]:
+            heads = m.shape[0] // batch
             m = m.reshape(batch, heads, side, side, m.shape[-1])
             if side != top:
                 x = m.permute(0, 1, 4, 2, 3).reshape(batch, -1, side, side)
                 x = F.interpolate(x, size=(top, top), mode="bilinear", align_corners=False)
                 m = x.reshape(batch, heads, -1, top, top).permute(0, 1, 3, 4, 2)
             maps.append(m)
+    if len({m.shape[1] for m in maps}) > 1:
+        maps = [m.mean(1, keepdim=True) for m in maps]
     return torch.stack(maps).mean(0)
 
 
@@ -133,7 +141,6 @@ class ReferenceLoop:
             weight.requires_grad_(True)
             self.params.append(weight)
         self.ft, self.sides = ft, list(sides)
-        self.heads = unet.get_submodule(next(iter(cross))).heads
 
     def __call__(self, inputs) -> dict[str, torch.Tensor]:
         from sepen.losses import norm_loss, total_loss
@@ -141,40 +148,64 @@ class ReferenceLoop:
 
         n = inputs.noisy.shape[0]
         noisy, t, emb = inputs.noisy, inputs.timesteps, inputs.emb
+        added = inputs.added
         if inputs.single is not None:  # one batch: pair prompts, then single-object prompts
             noisy, t, emb = (torch.cat([a, b]) for a, b in zip((noisy, t, emb), inputs.single))
+            if added is not None:
+                added = {k: torch.cat([v, inputs.single_added[k]]) for k, v in added.items()}
+        extra = {} if added is None else {"added_cond_kwargs": added}
         self.store.reset()
-        pred = self.unet(noisy, t, emb).sample
-        maps = reference_maps(self.store, self.sides, self.heads, noisy.shape[0])[:n]
+        pred = self.unet(noisy, t, emb, **extra).sample
+        maps = reference_maps(self.store, self.sides, noisy.shape[0])[:n]
         how = self.ft["token_aggregation"]
         concept = torch.stack(
             [aggregate_token_maps(maps[b], p, how) for b, p in enumerate(inputs.positions)]
         )
         norm = None
         if inputs.single is not None:
+            single_extra = (
+                {} if inputs.single_added is None else {"added_cond_kwargs": inputs.single_added}
+            )
             with torch.no_grad():
-                frozen = self.frozen(*inputs.single).sample
+                frozen = self.frozen(*inputs.single, **single_extra).sample
             norm = norm_loss(pred[n:], frozen)
         ft = self.ft
-        return total_loss(concept, ft["lambda_sep"], ft["lambda_en"], norm, ft["lambda_norm"])
+        return total_loss(
+            concept,
+            ft["lambda_sep"],
+            ft["lambda_en"],
+            norm,
+            ft["lambda_norm"],
+            ft["enhance_kernel"],
+        )
 
 
 # ---------------------------------------------------------------- shared set-up
 def build_unet(size: str, latent: int, seed: int = 0):
     from diffusers import UNet2DConditionModel
 
-    from sepen.models.tiny import sd_unet_config, tiny_unet_config
+    from sepen.models.tiny import (
+        sd_unet_config,
+        sdxl_unet_config,
+        tiny_sdxl_unet_config,
+        tiny_unet_config,
+    )
 
     width = SIZES[size][0]
     torch.manual_seed(seed)
+    if size == "sdxl-tiny":
+        return UNet2DConditionModel(**tiny_sdxl_unet_config(latent))
     if width == "tiny":
         return UNet2DConditionModel(**tiny_unet_config(latent, cross_attention_dim=32))
+    if size.startswith("sdxl"):
+        return UNet2DConditionModel(**sdxl_unet_config(width, latent))
     return UNet2DConditionModel(**sd_unet_config(width, latent))
 
 
 def map_resolution(size: str, latent: int) -> int:
-    """The grid whose maps feed the losses: SD 1.x's 16 at 64 latents, i.e. latent / 4."""
-    return latent // 2 if SIZES[size][0] == "tiny" else latent // 4
+    """The grid whose maps feed the losses: SD 1.x's 16 at 64 latents (latent / 4); SDXL's
+    32 at 128 latents, its coarser cross-attention level (also latent / 4)."""
+    return latent // 2 if size == "tiny" else latent // 4
 
 
 def settings(mode: str, batch: int) -> dict:
@@ -191,10 +222,17 @@ def settings(mode: str, batch: int) -> dict:
 
 
 class RandomText:
-    """Text embeddings: a fixed random tensor per prompt (the text encoder is outside a step)."""
+    """Text conditioning: a fixed random tensor per prompt (the text encoder is outside a
+    step); for SDXL also a random pooled embedding and the size/crop time ids."""
 
-    def __init__(self, dim: int, device, dtype):
-        self.dim, self.device, self.dtype, self.cache = dim, device, dtype, {}
+    def __init__(self, unet, device, dtype, pixels: int):
+        self.dim = unet.config.cross_attention_dim
+        self.pooled = None
+        if unet.config.addition_embed_type == "text_time":
+            time_dims = 6 * unet.config.addition_time_embed_dim
+            self.pooled = unet.config.projection_class_embeddings_input_dim - time_dims
+        self.time_ids = torch.tensor([pixels, pixels, 0, 0, pixels, pixels], dtype=torch.float32)
+        self.device, self.dtype, self.cache = device, dtype, {}
 
     def __call__(self, prompts):
         import zlib
@@ -202,8 +240,14 @@ class RandomText:
         for p in prompts:
             if p not in self.cache:
                 g = torch.Generator().manual_seed(zlib.crc32(p.encode()))
-                self.cache[p] = torch.randn(77, self.dim, generator=g)
-        return torch.stack([self.cache[p] for p in prompts]).to(self.device, self.dtype)
+                pooled = torch.randn(self.pooled, generator=g) if self.pooled else None
+                self.cache[p] = (torch.randn(77, self.dim, generator=g), pooled)
+        emb = torch.stack([self.cache[p][0] for p in prompts]).to(self.device, self.dtype)
+        if self.pooled is None:
+            return emb, None
+        pooled = torch.stack([self.cache[p][1] for p in prompts]).to(self.device, self.dtype)
+        time_ids = self.time_ids.expand(len(prompts), -1).to(self.device, self.dtype)
+        return emb, {"text_embeds": pooled, "time_ids": time_ids}
 
 
 def make_batches(ft: dict, unet, latent: int, steps: int, device, dtype):
@@ -215,7 +259,7 @@ def make_batches(ft: dict, unet, latent: int, steps: int, device, dtype):
 
     scheduler = DDPMScheduler(**SD_SCHEDULER)
     sampler = SignalSampler(ft, (unet.config.in_channels, latent, latent), 1000, 0.18215, 1)
-    embed = RandomText(unet.config.cross_attention_dim, device, dtype)
+    embed = RandomText(unet, device, dtype, latent * 8)
     positions = Positions(build_clip_tokenizer())
     return [
         step_inputs(*sampler.step(s, 0, 0), embed, positions, scheduler.add_noise, device, dtype)

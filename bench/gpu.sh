@@ -3,6 +3,9 @@
 #  - a finetuning step, Stable Diffusion 1.4's UNet (random weights) at 512 px (64x64 latents),
 #    batch 4, bf16: ours vs the reference loop (losses checked equal in float32 first), median step
 #    time, peak memory, achieved TFLOP/s against this card's measured bf16 matmul rate;
+#  - the same for Stable Diffusion XL's UNet at 1024 px (128x128 latents, maps at 32x32),
+#    batch 2, bf16 (text conditioning and size/crop time ids random, as the encoders are
+#    outside a step);
 #  - sampling images/s: stock diffusers vs + a SepEn delta vs Attend-and-Excite, SD 1.4
 #    architecture at 512 px, 50 steps, bf16.
 # Results go to bench/results/<card>.txt (the printed tables) and <card>-*.json.
@@ -16,12 +19,14 @@ out=${SEPEN_BENCH_OUT:-bench/results}
 if [[ "${1:-}" == "--tiny" ]]; then
   device=cpu
   step=(--size tiny --batch 2 --repeats 1 --dtype float32 --ablations)
+  xl=(--size sdxl-tiny --batch 2 --repeats 1 --dtype float32 --ablations)
   sampling=(--arch tiny --steps 4 --repeats 1 --dtype float32)
   card="cpu-tiny"
 else
   device=cuda
   python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: run bench/gpu.sh --tiny on CPU')"
   step=(--size sd14 --latent 64 --batch 4 --repeats 5 --dtype bfloat16 --ablations ours-no-exit)
+  xl=(--size sdxl --latent 128 --batch 2 --repeats 3 --dtype bfloat16 --ablations)
   sampling=(--arch sd14 --steps 50 --repeats 3 --dtype bfloat16)
   card=$(python -c "import torch; print(torch.cuda.get_device_name())")
 fi
@@ -32,6 +37,8 @@ tmp="$out/.$name.txt.partial"
   echo "# $card, $(date -u +%Y-%m-%dT%H:%MZ), torch $(python -c 'import torch; print(torch.__version__)')"
   echo "\$ bench/gpu.sh $*"
   python bench/finetune_step.py "${step[@]}" --device "$device" --flops --json "$out/$name-finetune.json"
+  echo
+  python bench/finetune_step.py "${xl[@]}" --device "$device" --json "$out/$name-finetune-sdxl.json"
   echo
   python bench/sampling_cost.py "${sampling[@]}" --device "$device" --json "$out/$name-sampling.json"
 } | tee "$tmp"

@@ -116,7 +116,10 @@ def run(arch: str, steps: int, repeats: int, device: str, dtype: str) -> dict:
     ae = attend_excite_pipeline(build())
     prompt = {"prompt": "a photo of a cat and a dog", "concepts": ["cat", "dog"]}
     sp = {"steps": steps, "guidance_scale": 6.0}
-    ae_cfg = {"max_iter_to_alter": min(25, steps // 2), "scale_factor": 20, "attention_res": 16}
+    from sepen.config import load_config
+
+    # the published settings, the schedule scaled to `steps` (sepen.sample.attend_excite_schedule)
+    ae_cfg = load_config(None)["evaluation"]["attend_excite"]
 
     def plain(pipe):
         def call():

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,10 +30,18 @@ def test_gpu_script_runs_at_tiny_size_on_cpu_and_reports_measured_ratios(tmp_pat
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cpu-tiny-finetune-sdxl.json",
         "cpu-tiny-finetune.json",
         "cpu-tiny-sampling.json",
         "cpu-tiny.txt",
     ]
+    xl = json.loads((tmp_path / "cpu-tiny-finetune-sdxl.json").read_text())
+    xl_rows = {(r["mode"], r["variant"]): r for r in xl["rows"]}
+    assert xl["size"] == "sdxl-tiny" and set(xl_rows) == set(
+        (m, v) for m in ("pairs", "joint") for v in ("reference", "ours")
+    )
+    for mode in ("pairs", "joint"):  # the losses agree with the reference's before any time
+        assert xl_rows[mode, "ours"]["loss_gap"] <= 1e-5
     step = json.loads((tmp_path / "cpu-tiny-finetune.json").read_text())
     rows = {(r["mode"], r["variant"]): r for r in step["rows"]}
     assert set(rows) == {(m, v) for m in ("pairs", "joint") for v in ("reference", "ours")}
@@ -65,6 +74,22 @@ def test_the_loss_check_compares_every_step_and_part():
     assert bench.max_loss_gap(a, b) == pytest.approx(3e-5)
     with pytest.raises(ValueError):  # a variant that ran fewer steps is not compared silently
         bench.max_loss_gap(a, a[:1])
+
+
+@pytest.mark.slow
+def test_sdxl_architecture_has_the_real_layer_shapes():
+    from diffusers import UNet2DConditionModel
+
+    from sepen.attention import available_resolutions
+    from sepen.models.tiny import sdxl_unet_config
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**sdxl_unet_config(1.0, 128))
+    n = sum(p.numel() for p in unet.parameters())
+    assert 2.56e9 < n < 2.57e9  # SDXL base UNet: 2.567B parameters
+    levels = available_resolutions(unet, 128)
+    # 64x64: 2 + 2 down, 3 x 2 up; 32x32: 2 x 10 down, 10 mid, 3 x 10 up transformer blocks
+    assert {side: len(layers) for side, layers in levels.items()} == {64: 10, 32: 60}
 
 
 @pytest.mark.slow

@@ -49,11 +49,15 @@ def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     return {token: i for i, token in enumerate(tokens)}
 
 
-def build_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
-    """A transformers CLIPTokenizer with Stable Diffusion 1.x's exact token ids."""
+def build_clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    """A transformers CLIPTokenizer with Stable Diffusion 1.x's exact token ids.
+
+    SDXL's second tokenizer (OpenCLIP bigG) is the same vocabulary padded with "!".
+    """
     merges = clip_bpe_merges()
     return CLIPTokenizer(
         vocab=clip_vocab(merges),
         merges=merges,
         model_max_length=model_max_length,
+        pad_token=pad_token,
     )

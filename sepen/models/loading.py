@@ -50,21 +50,8 @@ def _offline_help(model: str, revision: str | None) -> str:
     )
 
 
-def load_pipeline(
-    model: str | Path,
-    revision: str | None = None,
-    dtype: str | torch.dtype = "float32",
-    device: str | torch.device = "cpu",
-):
-    """A diffusers `StableDiffusionPipeline` (safety checker off) on `device` in `dtype`.
-
-    `model` is a hub id ("CompVis/stable-diffusion-v1-4") or a folder saved with
-    `save_pretrained`. Raises ModelNotAvailableError naming the model and how to provide it.
-    """
-    from diffusers import StableDiffusionPipeline
-
-    model = str(model)
-    torch_dtype = resolve_dtype(dtype)
+def _source(model: str) -> str:
+    """The folder or hub id to load `model` from; a missing folder is an error here."""
     local = Path(model).expanduser()
     if local.exists():
         if not (local / "model_index.json").is_file():
@@ -72,25 +59,90 @@ def load_pipeline(
                 f"model folder {str(local)!r} has no model_index.json: give a folder written "
                 f"by a diffusers pipeline's save_pretrained"
             )
-        source = str(local)
-    elif _looks_like_path(model):
+        return str(local)
+    if _looks_like_path(model):
         raise ModelNotAvailableError(
             f"model folder {model!r} does not exist: check the path, or give a hub id such as "
             f"'CompVis/stable-diffusion-v1-4'"
         )
-    else:
-        source = model
+    return model
+
+
+def _loaded(model: str, revision: str | None, load):
+    source = _source(model)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source,
-            revision=revision,
-            dtype=torch_dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
+        return load(source)
+    except ModelNotAvailableError:
+        raise
     except (OSError, ValueError) as err:  # hub errors subclass OSError
-        if source is model:
+        if source == model and not Path(model).expanduser().exists():
             raise ModelNotAvailableError(_offline_help(model, revision)) from err
         raise ModelNotAvailableError(f"model folder {source!r} could not be loaded: {err}") from err
+
+
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def pipeline_class(source: str, revision: str | None = None) -> str:
+    """The pipeline class a folder or (cached) hub model names in its model_index.json."""
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    local = Path(source)
+    if local.is_dir():
+        name = json.loads((local / "model_index.json").read_text()).get("_class_name", "")
+    else:
+        name = DiffusionPipeline.load_config(source, revision=revision).get("_class_name", "")
+    if name not in PIPELINES:
+        raise ModelNotAvailableError(
+            f"model {source!r} is a {name or 'unknown'} pipeline; sepen works with "
+            f"{' and '.join(PIPELINES)} (Stable Diffusion 1.x, 2.x and XL)"
+        )
+    return name
+
+
+def is_sdxl(pipe) -> bool:
+    """Whether a pipeline is Stable Diffusion XL (two text encoders, size conditioning)."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def load_pipeline(
+    model: str | Path,
+    revision: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+):
+    """A diffusers `StableDiffusionPipeline` (safety checker off) or
+    `StableDiffusionXLPipeline` (watermark off) on `device` in `dtype`.
+
+    `model` is a hub id ("CompVis/stable-diffusion-v1-4") or a folder saved with
+    `save_pretrained`. Raises ModelNotAvailableError naming the model and how to provide it.
+    """
+    import diffusers
+
+    def load(source):
+        name = pipeline_class(source, revision)
+        options = {"revision": revision, "dtype": resolve_dtype(dtype)}
+        if name == "StableDiffusionPipeline":
+            options.update(safety_checker=None, requires_safety_checker=False)
+        else:
+            options.update(add_watermarker=False)
+        return getattr(diffusers, name).from_pretrained(source, **options)
+
+    pipe = _loaded(str(model), revision, load)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def load_unet(model: str | Path, revision: str | None = None):
+    """Only the UNet of a pipeline (float32, CPU), with the same errors as `load_pipeline`."""
+    from diffusers import UNet2DConditionModel
+
+    return _loaded(
+        str(model),
+        revision,
+        lambda source: UNet2DConditionModel.from_pretrained(
+            source, subfolder="unet", revision=revision
+        ),
+    )
