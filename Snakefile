@@ -37,6 +37,7 @@ rule all:
     default_target: True
     input:
         [f"{R}/metrics.json", f"{R}/report/metrics.html"] if METRICS else [],
+        f"{R}/report/taxonomy.png" if "toy_detection" in METRICS else [],
         f"{R}/report/samples.png",
         f"{R}/report/losses.png" if "sepen" in METHODS else [],
         f"{R}/report/attention.png",

@@ -14,6 +14,9 @@ STEPS = {
     "fid": ("sepen.metrics:fid_cli", "FID of a method's images against reference images"),
     "aggregate": ("sepen.aggregate", "per-set metrics with bootstrap CIs and paired differences"),
     "report": ("sepen.report", "the report's tables and figures"),
+    "generate": ("sepen.generate", "images of your prompts with a base model and SepEn deltas"),
+    "export-lora": ("sepen.lora", "a delta as a LoRA file for diffusers, ComfyUI, AUTOMATIC1111"),
+    "models": ("sepen.models.required", "every model a config needs: present or missing"),
     "tiny-model": ("sepen.models.tiny", "save a tiny random SD-architecture pipeline"),
     "toy": ("sepen.toy.cli", "the toy world: pretrain, evaluate, premise, study"),
 }

@@ -9,16 +9,16 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 
+from sepen.artifacts import read_json, read_metrics, shard_files
 from sepen.atomic import write_json, write_text
 from sepen.command import run_step, step_parser
 from sepen.config import load_config
 from sepen.errors import SepenError
-from sepen.plan import read_plan
+from sepen.plan import method_prompts, read_plan
 from sepen.stats import bootstrap_ci, paired_difference
 
 OVERALL = "overall"
@@ -41,7 +41,7 @@ def _values(rows: dict, keys: list, metric: str) -> list[float]:
     return [float(rows[k][metric]) for k in keys]
 
 
-def aggregate(plan: dict, rows: dict[str, dict], n_boot: int = 2000) -> dict:
+def aggregate(plan: dict, rows: dict[str, dict], n_boot: int = 2000, ae_sets=()) -> dict:
     """{'methods', 'metrics', 'sets': {set: {method: {metric: ci}}},
     'differences': {set: {method: {metric: ci}}}, 'prompts': {...}}; 'overall' is a set."""
     methods = list(rows)
@@ -52,8 +52,9 @@ def aggregate(plan: dict, rows: dict[str, dict], n_boot: int = 2000) -> dict:
     )
     sets = dict(plan["sets"])
     sets[OVERALL] = plan["order"]
-    expected = {(pid, s) for pid in plan["order"] for s in plan["seeds"]}
     for method, r in rows.items():
+        ids = method_prompts(plan, method, ae_sets)
+        expected = {(pid, s) for pid in ids for s in plan["seeds"]}
         if set(r) != expected:
             raise SepenError(
                 f"method {method!r} has {len(r)} scored images, the plan has {len(expected)}: "
@@ -68,11 +69,12 @@ def aggregate(plan: dict, rows: dict[str, dict], n_boot: int = 2000) -> dict:
     }
     for name, pids in sets.items():
         keys = [(pid, s) for pid in pids for s in plan["seeds"]]
+        present = [m for m in methods if all(k in rows[m] for k in keys)]  # A&E: pair sets
         out["sets"][name] = {
             m: {k: bootstrap_ci(_values(rows[m], keys, k), n_boot=n_boot) for k in metrics}
-            for m in methods
+            for m in present
         }
-        if "base" in rows:
+        if "base" in present:
             out["differences"][name] = {
                 m: {
                     k: paired_difference(
@@ -80,14 +82,18 @@ def aggregate(plan: dict, rows: dict[str, dict], n_boot: int = 2000) -> dict:
                     )
                     for k in metrics
                 }
-                for m in methods
+                for m in present
                 if m != "base"
             }
     for pid in plan["order"]:
         keys = [(pid, s) for s in plan["seeds"]]
         out["prompts"][pid] = {
             "prompt": plan["prompts"][pid]["prompt"],
-            **{m: {k: float(np.mean(_values(rows[m], keys, k))) for k in metrics} for m in methods},
+            **{
+                m: {k: float(np.mean(_values(rows[m], keys, k))) for k in metrics}
+                for m in methods
+                if keys[0] in rows[m]
+            },
         }
     return out
 
@@ -132,8 +138,12 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = step_parser("sepen aggregate", __doc__.split("\n")[0])
     p.add_argument("--plan", type=Path, required=True)
-    p.add_argument(
-        "--metrics", type=Path, nargs="+", required=True, help="metric files of the shards"
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--metrics", type=Path, nargs="+", help="metric files of the shards")
+    which.add_argument(
+        "--metrics-dir",
+        type=Path,
+        help="folder of <method>/shard-<k>.json for the config's methods and shards",
     )
     p.add_argument("--fid", type=Path, nargs="*", default=[], help="FID files of `sepen fid`")
     p.add_argument("--out", type=Path, required=True, help="full results (JSON)")
@@ -145,16 +155,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> dict:
     config = load_config(args.config, args.set)
     plan = read_plan(args.plan)
-    missing = [str(p) for p in args.metrics if not p.is_file()]
-    if missing:
-        raise SepenError(f"metric files missing: {missing[:3]}: run `sepen metrics` first")
-    shards = [json.loads(p.read_text()) for p in args.metrics]
-    result = aggregate(plan, collect(shards), config["evaluation"]["bootstrap"])
+    ev = config["evaluation"]
+    files = args.metrics or shard_files(args.metrics_dir, ev["methods"], ev["shards"])
+    shards = [read_metrics(p) for p in files]
+    result = aggregate(plan, collect(shards), ev["bootstrap"], ev["attend_excite"]["sets"])
     result["models"] = next((s["models"] for s in shards if s.get("models")), {})
     for path in args.fid:
-        if not path.is_file():
-            raise SepenError(f"FID file {str(path)!r} is missing: run `sepen fid` first")
-        entry = json.loads(path.read_text())
+        entry = read_json(path, "FID file", "sepen fid", ("method", "fid"))
         result.setdefault("fid", {})[entry["method"]] = entry
     write_json(args.out, result)
     if args.dvc_metrics:

@@ -12,8 +12,8 @@ import argparse
 import csv
 import json
 import logging
+import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +145,10 @@ class SignalSampler:
                 [[concepts[i]] for i in idx],
             )
         if ft["mode"] == "pairs":
+            own = ft.get("_prompts")
+            if own:  # a custom prompt's model: its own prompts (the plan's)
+                idx = torch.randint(0, len(own), (n,), generator=g).tolist()
+                return [own[i] for i in idx], [list(concepts)] * n
             return [_format(templates[0], concepts)] * n, [list(concepts)] * n
         prompts, picked = [], []
         for _ in range(n):
@@ -211,7 +215,8 @@ def check_prompts(tokenizer, ft: dict) -> None:
     """Fail before any model work if a concept cannot be found in its prompts."""
     concepts, templates = ft["concepts"], ft["templates"]
     if ft["mode"] == "pairs":
-        concept_token_positions(tokenizer, _format(templates[0], concepts), concepts)
+        for prompt in ft.get("_prompts") or [_format(templates[0], concepts)]:
+            concept_token_positions(tokenizer, prompt, concepts)
         return
     if len(set(concepts)) < 2:
         raise SepenError(f"joint mode needs two or more distinct concepts; got {concepts}")
@@ -272,16 +277,58 @@ def _tracker(path: Path, start_step: int):
     return cls(path, start_step)
 
 
+CHECKPOINT_WEIGHTS = "trainable.safetensors"
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (None when it is complete)."""
+    from safetensors import safe_open
+
+    weights = folder / CHECKPOINT_WEIGHTS
+    if not weights.is_file():
+        return f"{CHECKPOINT_WEIGHTS} is missing"
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                if not torch.isfinite(f.get_tensor(key)).all():
+                    return f"{CHECKPOINT_WEIGHTS} holds non-finite weights ({key})"
+    except Exception as err:  # noqa: BLE001 - any read failure means "not complete"
+        return f"{CHECKPOINT_WEIGHTS} cannot be read ({err})"
+    if not any(folder.glob("optimizer*.bin")):
+        return "the optimizer state is missing"
+    return None
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name.split("-")[1])
+
+
 def find_checkpoint(output_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from: a given folder, or the newest complete one ('latest').
+
+    An incomplete or corrupt checkpoint (a job killed while saving an older version's
+    checkpoint, a damaged disk) is skipped with a warning, and the next older one is used.
+    """
     if not resume:
         return None
     if resume != "latest":
         path = Path(resume)
         if not path.is_dir():
             raise SepenError(f"checkpoint {resume!r} does not exist; use --resume latest")
+        problem = checkpoint_problem(path)
+        if problem:
+            raise SepenError(
+                f"checkpoint {resume!r} cannot be resumed from: {problem}; "
+                f"use --resume latest (the newest complete checkpoint) or start anew"
+            )
         return path
-    found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return found[-1] if found else None
+    found = sorted(output_dir.glob("checkpoint-*"), key=_step_of, reverse=True)
+    for folder in found:
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        log.warning("skipping %s: %s; trying an older checkpoint", folder, problem)
+    return None
 
 
 def run_settings(config: dict) -> dict:
@@ -336,46 +383,86 @@ class Positions:
 def step_inputs(
     pair: Batch, single: Batch | None, embed, positions, add_noise, device, dtype
 ) -> StepInputs:
-    """The objective's inputs from the drawn signal: noisy latents, timesteps, text embeddings.
+    """The objective's inputs from the drawn signal: noisy latents, timesteps, text conditioning.
 
-    `embed(prompts)` gives text embeddings, `positions(prompts, concepts)` token positions,
-    `add_noise(latents, noise, timesteps)` the noisy latents (the scheduler's add_noise).
+    `embed(prompts)` gives (text embeddings, added_cond_kwargs or None), `positions(prompts,
+    concepts)` token positions, `add_noise(latents, noise, timesteps)` the noisy latents (the
+    scheduler's add_noise).
     """
 
     def tensors(b: Batch):
         t = b.timesteps.to(device)
         noisy = add_noise(b.latents.to(device), b.noise.to(device), t).to(dtype)
-        return noisy, t, embed(b.prompts)
+        emb, added = embed(b.prompts)
+        return (noisy, t, emb), added
 
+    (noisy, t, emb), added = tensors(pair)
+    single_inputs, single_added = tensors(single) if single is not None else (None, None)
     return StepInputs(
-        *tensors(pair),
+        noisy,
+        t,
+        emb,
         positions=positions(pair.prompts, pair.concepts),
-        single=tensors(single) if single is not None else None,
+        single=single_inputs,
+        added=added,
+        single_added=single_added,
     )
 
 
 class TextEmbeddings:
-    """Frozen text-encoder outputs of one batch of prompts.
+    """Frozen text conditioning of one batch of prompts: (embeddings, added_cond_kwargs).
 
-    A batch of one repeated prompt (pairs mode) reuses that prompt's embedding, encoded alone
-    once; any other batch is encoded as a whole. Either way a step's embeddings do not depend on
-    earlier steps, so a resumed run continues bit-exactly.
+    Stable Diffusion 1.x/2.x: the text encoder's last hidden states, no added conditioning.
+    SDXL: the pipeline's own `encode_prompt` (both encoders' penultimate hidden states side by
+    side, the second's pooled projection) and the size/crop time ids of a square
+    `image_size` image without crop, as SDXL was trained.
+
+    A batch of one repeated prompt (pairs mode) reuses that prompt's conditioning, encoded
+    alone once; any other batch is encoded as a whole. Either way a step's conditioning does
+    not depend on earlier steps, so a resumed run continues bit-exactly.
     """
 
-    def __init__(self, tokenizer, text_encoder, device):
-        self.tokenizer, self.text_encoder, self.device = tokenizer, text_encoder, device
-        self.cache: dict[str, torch.Tensor] = {}
+    def __init__(self, pipe, device, image_size: int | None = None):
+        from sepen.models.loading import is_sdxl
 
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        self.pipe, self.device = pipe, device
+        self.sdxl = is_sdxl(pipe)
+        self.image_size = image_size
+        self.cache: dict[str, tuple] = {}
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, dict | None]:
+        if not self.sdxl:
+            return encode(self.pipe.tokenizer, self.pipe.text_encoder, prompts, self.device), None
+        with torch.no_grad():
+            emb, _, pooled, _ = self.pipe.encode_prompt(
+                prompts, device=self.device, do_classifier_free_guidance=False
+            )
+        size = (self.image_size, self.image_size)
+        time_ids = self.pipe._get_add_time_ids(
+            size,
+            (0, 0),
+            size,
+            dtype=emb.dtype,
+            text_encoder_projection_dim=self.pipe.text_encoder_2.config.projection_dim,
+        ).to(self.device)
+        return emb, {"text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)}
+
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, dict | None]:
         if len(set(prompts)) > 1:
-            return encode(self.tokenizer, self.text_encoder, prompts, self.device)
+            return self.encode(prompts)
         prompt = prompts[0]
         if prompt not in self.cache:
-            self.cache = {prompt: encode(self.tokenizer, self.text_encoder, [prompt], self.device)}
-        return self.cache[prompt].expand(len(prompts), -1, -1)
+            self.cache = {prompt: self.encode([prompt])}
+        emb, added = self.cache[prompt]
+        n = len(prompts)
+        if added is not None:
+            added = {k: v.expand(n, *v.shape[1:]) for k, v in added.items()}
+        return emb.expand(n, -1, -1), added
 
 
-def main(args: argparse.Namespace) -> Path:
+def resolve_config(args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """The run's config (the file, --set overrides, --model, --concepts, the plan's model) and
+    the plan model's own prompts (custom prompts; empty otherwise)."""
     overrides = list(args.set)
     if args.model:
         overrides.append(f"model.pretrained={json.dumps(args.model)}")
@@ -389,46 +476,39 @@ def main(args: argparse.Namespace) -> Path:
         models = read_plan(args.plan)["models"]
         if args.model_id not in models:
             raise SepenError(
-                f"model id {args.model_id!r} is not in plan {str(args.plan)!r}; "
-                f"it has {sorted(models)[:5]}{' ...' if len(models) > 5 else ''}"
+                f"model id {args.model_id!r} is not in plan {str(args.plan)!r}: give one of "
+                f"its models {sorted(models)[:5]}{' ...' if len(models) > 5 else ''}"
             )
         concepts = models[args.model_id]["concepts"]
         overrides.append(f"finetune.concepts={json.dumps(concepts)}")
-    config = load_config(args.config, overrides)
-    ft = dict(config["finetune"])
-    ft["_norm_loss"] = ft["norm_loss"] if ft["norm_loss"] is not None else ft["mode"] == "joint"
-    out = Path(args.out)
-    output_dir = Path(args.output_dir) if args.output_dir else out.with_suffix(".state")
-    settings = run_settings(config)
-    if args.resume == "latest" and stale_checkpoints(output_dir, settings):
-        log.warning("checkpoints in %s are from other settings: starting from step 0", output_dir)
-    checkpoint = find_checkpoint(output_dir, args.resume)
-    start_step = int(checkpoint.name.split("-")[1]) if checkpoint else 0
+        own = list(models[args.model_id].get("prompts", []))
+    else:
+        own = []
+    return load_config(args.config, overrides), own
 
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+
+@dataclass
+class Training:
+    """What the training loop needs, set up from the config and the base model."""
+
+    unet: object
+    pipe: object
+    store: object
+    params: dict
+    sampler: SignalSampler
+    noise_scheduler: object
+    weight_dtype: torch.dtype
+    originals: dict | None
+
+
+def prepare(config: dict, ft: dict, pipe, accelerator) -> Training:
+    """Trainable keys, the capture, the training signal (and its base-sample pool)."""
     from diffusers import DDPMScheduler
 
-    from sepen.delta import save_delta, unet_delta_tensors
-    from sepen.models.loading import load_pipeline
     from sepen.trainable import prepare_trainable, trainable_layers, value_layers
 
-    accelerator = Accelerator(
-        cpu=args.cpu,
-        mixed_precision=ft["mixed_precision"],
-        gradient_accumulation_steps=ft["gradient_accumulation_steps"],
-        log_with=[_tracker(output_dir / "losses.csv", start_step)],
-        project_config=ProjectConfiguration(project_dir=str(output_dir)),
-    )
     device = accelerator.device
-    if accelerator.is_main_process:
-        from sepen.atomic import write_json
-
-        write_json(output_dir / "run_settings.json", settings)
-
-    pipe = load_pipeline(config["model"]["pretrained"], config["model"]["revision"])
-    tokenizer, text_encoder, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
-    check_prompts(tokenizer, ft)
+    text_encoder, unet = pipe.text_encoder, pipe.unet
     vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     latent_side = ft["image_size"] // vae_factor
     store = install_capture(unet, ft["resolutions"], latent_side)
@@ -461,12 +541,12 @@ def main(args: argparse.Namespace) -> Path:
             show_progress=accelerator.is_local_main_process,
         )
         store.enabled = True
-    del pipe
-
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         ft["mixed_precision"], torch.float32
     )
-    text_encoder.requires_grad_(False).to(device, weight_dtype)
+    for encoder in (text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if encoder is not None:
+            encoder.requires_grad_(False).to(device, weight_dtype)
     unet.to(device)
     if weight_dtype != torch.float32:  # frozen weights in half precision, trained ones in fp32
         unet.to(weight_dtype)
@@ -481,11 +561,20 @@ def main(args: argparse.Namespace) -> Path:
         from sepen.objective import compile_blocks
 
         log.info("torch.compile: %d blocks", compile_blocks(unet, store.captured))
-    lr = ft["learning_rate"] * (sampler.per_step if ft["scale_lr"] else 1)
-    optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=ft["weight_decay"])
-    objective = SepenObjective.from_settings(unet, store, ft, originals)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
-    raw_unet = accelerator.unwrap_model(objective).unet
+    return Training(
+        unet,
+        pipe,
+        store,
+        params,
+        sampler,
+        noise_scheduler,
+        weight_dtype,
+        originals,
+    )
+
+
+def register_checkpoint_hooks(accelerator, raw_unet) -> None:
+    """Checkpoints hold only the trained tensors (safetensors), not the frozen UNet."""
 
     def save_hook(models, weights, folder):
         if accelerator.is_main_process:
@@ -497,14 +586,14 @@ def main(args: argparse.Namespace) -> Path:
                     for n, p in raw_unet.named_parameters()
                     if p.requires_grad
                 },
-                str(Path(folder) / "trainable.safetensors"),
+                str(Path(folder) / CHECKPOINT_WEIGHTS),
             )
         weights.clear()
 
     def load_hook(models, folder):
         from safetensors.torch import load_file
 
-        state = load_file(str(Path(folder) / "trainable.safetensors"))
+        state = load_file(str(Path(folder) / CHECKPOINT_WEIGHTS))
         named = dict(raw_unet.named_parameters())
         with torch.no_grad():
             for n, v in state.items():
@@ -513,24 +602,22 @@ def main(args: argparse.Namespace) -> Path:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
-    if checkpoint is not None:
-        log.info("resuming from %s (step %d)", checkpoint, start_step)
-        accelerator.load_state(str(checkpoint))
-    elif args.resume:
-        log.info("no checkpoint in %s: starting from step 0", output_dir)
 
-    public = {k: v for k, v in ft.items() if not k.startswith("_")}
-    accelerator.init_trackers("sepen", config={**public, "lr": lr})
-    log.info(
-        "training %d tensors in %d layers (%s), lr %.3g, global batch %d, %d process(es)",
-        len(params),
-        len(layers),
-        ft["trainable"],
-        lr,
-        sampler.per_step,
-        accelerator.num_processes,
+
+def diverged(step: int, parts: dict, ft: dict, lr: float, what: str) -> SepenError:
+    values = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
+    return SepenError(
+        f"finetuning diverged at step {step}: {what} (loss parts {values}); lower "
+        f"finetune.learning_rate (now {ft['learning_rate']:g}, {lr:g} after scaling by the "
+        f"batch) or set finetune.mixed_precision to 'no' (now {ft['mixed_precision']!r}); "
+        f"no checkpoint with non-finite weights was kept"
     )
 
+
+def train(args, config, ft, accelerator, t: Training, objective, optimizer, lr, start_step):
+    """The optimisation loop; returns False when stopped early by --stop-after."""
+    device = accelerator.device
+    output_dir = Path(accelerator.project_configuration.project_dir)
     progress = tqdm(
         range(start_step, ft["steps"]),
         initial=start_step,
@@ -540,49 +627,125 @@ def main(args: argparse.Namespace) -> Path:
         miniters=max(1, ft["steps"] // 100),
         mininterval=5,
     )
-    embed = TextEmbeddings(tokenizer, text_encoder, device)
-    positions = Positions(tokenizer)
+    embed = TextEmbeddings(t.pipe, device, ft["image_size"])
+    positions = Positions(t.pipe.tokenizer)
     for step in progress:
+        done = step + 1
         totals = {"loss": 0.0, "separate": 0.0, "enhance": 0.0, "norm": 0.0}
         for micro in range(ft["gradient_accumulation_steps"]):
             with accelerator.accumulate(objective):
-                pair, single = sampler.step(step, micro, accelerator.process_index)
+                pair, single = t.sampler.step(step, micro, accelerator.process_index)
                 inputs = step_inputs(
                     pair,
                     single,
                     embed,
                     positions,
-                    noise_scheduler.add_noise,
+                    t.noise_scheduler.add_noise,
                     device,
-                    weight_dtype,
+                    t.weight_dtype,
                 )
                 parts = objective(inputs)
                 accelerator.backward(parts["loss"])
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(list(params.values()), ft["max_grad_norm"])
+                    accelerator.clip_grad_norm_(list(t.params.values()), ft["max_grad_norm"])
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 for k, v in parts.items():
                     totals[k] += float(v.detach()) / ft["gradient_accumulation_steps"]
-        done = step + 1
+        # the trained weights are the same on every process (DDP), so every process stops here
+        if not all(bool(torch.isfinite(p).all()) for p in t.params.values()):
+            raise diverged(done, totals, ft, lr, "the trained weights are not finite")
         if done % ft["log_every"] == 0 or done == ft["steps"]:
             values = torch.tensor(
                 [totals[k] for k in ("loss", "separate", "enhance", "norm")], device=device
             )
             values = accelerator.reduce(values, "mean").tolist()
-            if not all(v == v and abs(v) != float("inf") for v in values):
-                raise FloatingPointError(f"non-finite loss at step {done}: {values}")
             record = dict(zip(("loss", "separate", "enhance", "norm"), values), lr=lr)
+            if not all(v == v and abs(v) != float("inf") for v in values):
+                raise diverged(done, record, ft, lr, "the loss is not finite")
             accelerator.log(record, step=done)
             progress.set_postfix(loss=f"{values[0]:.4f}")
         if done % ft["checkpointing_steps"] == 0 and done < ft["steps"]:
             _save_checkpoint(accelerator, output_dir, done, ft["checkpoints_total_limit"])
         if args.stop_after is not None and done >= args.stop_after and done < ft["steps"]:
             log.info("stopping after step %d as asked (--stop-after)", done)
-            accelerator.end_training()
-            return output_dir
+            return False
+    return True
 
-    check_ranks_agree(accelerator, params)
+
+def main(args: argparse.Namespace) -> Path:
+    config, own_prompts = resolve_config(args)
+    ft = dict(config["finetune"])
+    ft["_prompts"] = own_prompts
+    ft["_norm_loss"] = ft["norm_loss"] if ft["norm_loss"] is not None else ft["mode"] == "joint"
+    out = Path(args.out)
+    output_dir = Path(args.output_dir) if args.output_dir else out.with_suffix(".state")
+    if args.resume not in (None, "latest") and not Path(args.resume).is_dir():
+        raise SepenError(f"checkpoint {args.resume!r} does not exist; use --resume latest")
+
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from sepen.delta import save_delta, unet_delta_tensors
+    from sepen.models.loading import load_pipeline
+
+    # everything that can be wrong with the input is checked before anything is written
+    pipe = load_pipeline(config["model"]["pretrained"], config["model"]["revision"])
+    check_prompts(pipe.tokenizer, ft)
+    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    from sepen.attention import captured_layers
+
+    captured_layers(pipe.unet, ft["resolutions"], ft["image_size"] // vae_factor)
+
+    settings = run_settings(config)
+    if own_prompts:
+        settings["prompts"] = own_prompts
+    for tmp in output_dir.glob(".checkpoint-*"):  # a save cut short: never resumed from
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.resume == "latest" and stale_checkpoints(output_dir, settings):
+        log.warning("checkpoints in %s are from other settings: starting from step 0", output_dir)
+    checkpoint = find_checkpoint(output_dir, args.resume)
+    start_step = _step_of(checkpoint) if checkpoint else 0
+    accelerator = Accelerator(
+        cpu=args.cpu,
+        mixed_precision=ft["mixed_precision"],
+        gradient_accumulation_steps=ft["gradient_accumulation_steps"],
+        log_with=[_tracker(output_dir / "losses.csv", start_step)],
+        project_config=ProjectConfiguration(project_dir=str(output_dir)),
+    )
+    if accelerator.is_main_process:
+        from sepen.atomic import write_json
+
+        write_json(output_dir / "run_settings.json", settings)
+
+    t = prepare(config, ft, pipe, accelerator)
+    lr = ft["learning_rate"] * (t.sampler.per_step if ft["scale_lr"] else 1)
+    optimizer = torch.optim.AdamW(t.params.values(), lr=lr, weight_decay=ft["weight_decay"])
+    objective = SepenObjective.from_settings(t.unet, t.store, ft, t.originals)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    raw_unet = accelerator.unwrap_model(objective).unet
+    register_checkpoint_hooks(accelerator, raw_unet)
+    if checkpoint is not None:
+        log.info("resuming from %s (step %d)", checkpoint, start_step)
+        accelerator.load_state(str(checkpoint))
+    elif args.resume:
+        log.info("no checkpoint in %s: starting from step 0", output_dir)
+
+    public = {k: v for k, v in ft.items() if not k.startswith("_")}
+    accelerator.init_trackers("sepen", config={**public, "lr": lr})
+    log.info(
+        "training %d tensors (%s), lr %.3g, global batch %d, %d process(es)",
+        len(t.params),
+        ft["trainable"],
+        lr,
+        t.sampler.per_step,
+        accelerator.num_processes,
+    )
+    if not train(args, config, ft, accelerator, t, objective, optimizer, lr, start_step):
+        accelerator.end_training()
+        return output_dir
+
+    check_ranks_agree(accelerator, t.params)
     if accelerator.is_main_process:
         save_delta(
             out,
@@ -628,27 +791,34 @@ def check_ranks_agree(accelerator, params: dict) -> None:
 
 
 def _save_checkpoint(accelerator, output_dir: Path, step: int, limit: int) -> None:
+    """`checkpoint-<step>`, made visible only when complete: saved into a hidden folder, then
+    renamed. A job killed while saving leaves only the hidden folder, which is never resumed
+    from and is removed by the next run."""
     folder = output_dir / f"checkpoint-{step}"
-    accelerator.save_state(str(folder))
+    tmp = output_dir / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process:
-        found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        from sepen.atomic import fsync_dir, fsync_tree
+
+        fsync_tree(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(tmp, folder)
+        fsync_dir(output_dir)
+        found = sorted(output_dir.glob("checkpoint-*"), key=_step_of)
         for old in found[: max(0, len(found) - limit)]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 
 def cli(argv=None) -> int:
-    from sepen.logs import setup_logging
+    from sepen.command import run_step
 
     args = parse_args(argv)
-    setup_logging()
-    try:
-        main(args)
-    except SepenError as err:
-        log.error("%s", err)
-        print(f"sepen finetune: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_step("sepen finetune", lambda: main(args))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from sepen.artifacts import read_manifest
 from sepen.atomic import write_json
 from sepen.command import run_step, step_parser
 from sepen.config import load_config
@@ -25,11 +26,14 @@ log = logging.getLogger("sepen.metrics")
 
 
 def toy_detection(images: Sequence, prompts: Sequence[dict], vocabularies=None) -> list[dict]:
-    """The toy world's exact detector: success, hit_rate, spurious, exact_count per image."""
-    from sepen.toy.detect import detect, score_image
+    """The toy world's exact detector: success, hit_rate, spurious, exact_count per image, and
+    the failure taxonomy (fail_missing, fail_too_small, fail_merged, fail_wrong_shape,
+    fail_spurious: 1 when a named object fails that way, or a failing image shows an unnamed
+    concept)."""
+    from sepen.toy.detect import regions, score_regions
 
     return [
-        score_image(detect(np.asarray(im.convert("RGB"))), p["concepts"])
+        score_regions(regions(np.asarray(im.convert("RGB"))), p["concepts"])
         for im, p in zip(images, prompts)
     ]
 
@@ -79,10 +83,17 @@ def set_vocabularies(plan: dict) -> dict[str, list[str]]:
 
 
 def load_image(path: str):
+    """An image of a shard as RGB; an unreadable file is an error naming it and the fix."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:
+        raise SepenError(
+            f"image {str(path)!r} cannot be read ({err}): re-run `sepen sample` for its shard, "
+            f"which generates unreadable images again"
+        ) from err
 
 
 def shard_metrics(
@@ -124,15 +135,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> list[dict]:
-    import json
 
     from sepen.sample import device_and_dtype
 
     config = load_config(args.config, args.set)
     plan = read_plan(args.plan)
-    if not args.manifest.is_file():
-        raise SepenError(f"manifest {str(args.manifest)!r} does not exist: run `sepen sample`")
-    manifest = json.loads(args.manifest.read_text())
+    manifest = read_manifest(args.manifest)
     names = config["evaluation"]["metrics"]
     shard = manifest["shard"]
     metrics = build_metrics(names, config, device_and_dtype(config["sampling"], shard)[0])
@@ -158,7 +166,6 @@ def cli(argv=None) -> int:
 
 def fid_main(args: argparse.Namespace) -> dict:
     """FID of one method's images (all its shards) against evaluation.fid.reference."""
-    import json
 
     from sepen.evaluators.fid import InceptionFeatures, fid, reference_images
     from sepen.sample import device_and_dtype
@@ -168,10 +175,7 @@ def fid_main(args: argparse.Namespace) -> dict:
     if not spec["reference"]:
         raise SepenError("evaluation.fid.reference is not set: give a folder of real images")
     reference = reference_images(spec["reference"])
-    missing = [str(m) for m in args.manifests if not m.is_file()]
-    if missing:
-        raise SepenError(f"manifests missing: {missing[:3]}: run `sepen sample` first")
-    manifests = [json.loads(m.read_text()) for m in args.manifests]
+    manifests = [read_manifest(m) for m in args.manifests]
     methods = {m["method"] for m in manifests}
     if len(methods) != 1:
         raise SepenError(f"FID takes the shards of one method; got {sorted(methods)}")

@@ -33,7 +33,8 @@ class StepInputs:
 
     `positions[b][i]` are the token positions of concept i of sample b (sepen.tokens);
     `single` holds (noisy latents, timesteps, text embeddings) of the single-object prompts of
-    the norm loss, or None without it.
+    the norm loss, or None without it. `added` and `single_added` are the UNet's
+    `added_cond_kwargs` (SDXL's pooled text embedding and size/crop time ids), None for SD 1.x.
     """
 
     noisy: torch.Tensor
@@ -41,6 +42,12 @@ class StepInputs:
     emb: torch.Tensor
     positions: Sequence[Sequence[Sequence[int]]]
     single: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    added: dict | None = None
+    single_added: dict | None = None
+
+
+def _extra(added: dict | None) -> dict:
+    return {} if added is None else {"added_cond_kwargs": added}
 
 
 def token_columns(positions) -> tuple[torch.Tensor, list[list[list[int]]]]:
@@ -68,6 +75,7 @@ class SepenObjective(torch.nn.Module):
         lambda_en: float = 0.5,
         lambda_norm: float = 0.5,
         token_aggregation: str = "mean",
+        enhance_kernel: str = "authors",
         originals: dict[str, torch.Tensor] | None = None,
         early_exit: bool = True,
         capture_columns: bool = True,
@@ -77,6 +85,7 @@ class SepenObjective(torch.nn.Module):
         self.store = store
         self.lambdas = (lambda_sep, lambda_en, lambda_norm)
         self.how = token_aggregation
+        self.kernel = enhance_kernel
         self.originals = originals
         self.early_exit = early_exit
         self.capture_columns = capture_columns
@@ -91,6 +100,7 @@ class SepenObjective(torch.nn.Module):
             lambda_en=ft["lambda_en"],
             lambda_norm=ft["lambda_norm"],
             token_aggregation=ft["token_aggregation"],
+            enhance_kernel=ft["enhance_kernel"],
             originals=originals,
             **switches,
         )
@@ -103,12 +113,13 @@ class SepenObjective(torch.nn.Module):
         else:
             groups = inputs.positions
         args = (inputs.noisy, inputs.timesteps, inputs.emb)
+        extra = _extra(inputs.added)
         try:
             if self.early_exit:
-                maps = run_until_captured(self.unet, self.store, *args)
+                maps = run_until_captured(self.unet, self.store, *args, **extra)
             else:
                 self.store.reset()
-                self.unet(*args)
+                self.unet(*args, **extra)
                 maps = self.store.aggregate()
         finally:
             self.store.columns = None
@@ -116,24 +127,25 @@ class SepenObjective(torch.nn.Module):
             [aggregate_token_maps(maps[b], g, self.how) for b, g in enumerate(groups)]
         )
 
-    def norm(self, single) -> torch.Tensor:
+    def norm(self, single, added: dict | None = None) -> torch.Tensor:
         """MSE between this UNet's prediction and the original keys' prediction."""
         noisy, timesteps, emb = single
+        extra = _extra(added)
         self.store.enabled = False
         try:
-            prediction = self.unet(noisy, timesteps, emb).sample
+            prediction = self.unet(noisy, timesteps, emb, **extra).sample
             with torch.no_grad(), original_weights(self.unet, self.originals):
-                frozen = self.unet(noisy, timesteps, emb).sample
+                frozen = self.unet(noisy, timesteps, emb, **extra).sample
         finally:
             self.store.enabled = True
         return norm_loss(prediction, frozen)
 
     def forward(self, inputs: StepInputs) -> dict[str, torch.Tensor]:
         maps = self.concept_maps(inputs)
-        norm = self.norm(inputs.single) if inputs.single is not None else None
+        norm = self.norm(inputs.single, inputs.single_added) if inputs.single is not None else None
         lambda_sep, lambda_en, lambda_norm = self.lambdas
         with torch.autocast(maps.device.type, enabled=False):  # the losses run in float32
-            return total_loss(maps, lambda_sep, lambda_en, norm, lambda_norm)
+            return total_loss(maps, lambda_sep, lambda_en, norm, lambda_norm, self.kernel)
 
 
 def compile_blocks(unet, captured: Sequence[str] = ()) -> int:

@@ -7,7 +7,6 @@ them as artifacts and the Snakefile computes the same jobs from them at DAG-cons
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from pathlib import Path
@@ -61,6 +60,89 @@ def _read_data(path: str) -> dict:
     return read_yaml(_read_text(path)) or {}
 
 
+CUSTOM_SET = "custom"
+
+
+def _custom_entry(item, vocabulary: list[str], where: str) -> tuple[str, list[str]]:
+    """(prompt, concepts) of one custom entry: a prompt string (concepts found from the
+    vocabulary) or {prompt, concepts}."""
+    if isinstance(item, str):
+        prompt, named = item, None
+    elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
+        prompt, named = item["prompt"], item.get("concepts")
+    else:
+        raise ConfigError(
+            f"{where}: {item!r} is neither a prompt nor {{prompt: ..., concepts: [...]}}: "
+            f"write each entry as one of those"
+        )
+    if named is None:
+        named = find_concepts(prompt, vocabulary)
+    elif not isinstance(named, list) or not all(isinstance(c, str) and c for c in named):
+        raise ConfigError(f"{where}: the concepts of {prompt!r} must be a list of names")
+    missing = [c for c in named if not find_concepts(prompt, [c])]
+    if missing:
+        raise ConfigError(
+            f"{where}: concept {missing[0]!r} is not a whole word of prompt {prompt!r}: "
+            f"name each concept as it is written in the prompt"
+        )
+    if not named:
+        raise ConfigError(
+            f"{where}: prompt {prompt!r} names no concept"
+            + (f" of the vocabulary {vocabulary}" if vocabulary else "")
+            + ": give its concepts ({prompt: ..., concepts: [...]}) or add them to the vocabulary"
+        )
+    return prompt, list(named)
+
+
+def read_custom_prompts(path: str) -> dict[str, list[tuple[str, list[str]]]]:
+    """Prompt sets of a custom prompt file, each prompt with its concepts.
+
+    YAML: `prompts:` a list (one set, 'custom') or a mapping of set names to lists; each entry
+    a prompt (its concepts found among `vocabulary:`) or {prompt, concepts}. CSV: columns
+    `prompt`, `concepts` (names separated by ';', or empty to find them in the vocabulary of
+    a `vocabulary` column's first non-empty value) and an optional `set`.
+    """
+    text = _read_text(path)
+    if str(path).lower().endswith(".csv"):
+        import csv
+        import io
+
+        rows = list(csv.DictReader(io.StringIO(text)))
+        if not rows or "prompt" not in rows[0]:
+            raise ConfigError(
+                f"{path!r} has no 'prompt' column: give a CSV with columns prompt, concepts "
+                f"(names separated by ';') and optionally set"
+            )
+        vocab_cell = next((r.get("vocabulary") for r in rows if r.get("vocabulary")), "")
+        vocabulary = [c.strip() for c in (vocab_cell or "").split(";") if c.strip()]
+        raw: dict[str, list] = {}
+        for r in rows:
+            names = [c.strip() for c in (r.get("concepts") or "").split(";") if c.strip()]
+            entry = {"prompt": r["prompt"], "concepts": names} if names else r["prompt"]
+            raw.setdefault((r.get("set") or CUSTOM_SET).strip(), []).append(entry)
+    else:
+        data = read_yaml(text) or {}
+        if not isinstance(data, dict) or "prompts" not in data:
+            raise ConfigError(
+                f"{path!r} has no 'prompts:' list: give a YAML with prompts (and optionally a "
+                f"vocabulary), e.g. prompts: [{{prompt: a cat and a hat, concepts: [cat, hat]}}]"
+            )
+        vocabulary = list(data.get("vocabulary") or [])
+        raw = (
+            data["prompts"] if isinstance(data["prompts"], dict) else {CUSTOM_SET: data["prompts"]}
+        )
+    sets = {}
+    for name, items in raw.items():
+        if not isinstance(items, list) or not items:
+            raise ConfigError(
+                f"{path!r}: prompt set {name!r} is empty or not a list: give it a list of prompts"
+            )
+        sets[str(name)] = [
+            _custom_entry(item, vocabulary, f"{path!r}, set {name!r}") for item in items
+        ]
+    return sets
+
+
 def concept_lists(config: dict) -> dict:
     """The experiment's concepts: {'source', 'concepts', 'splits': {'seen', 'unseen'}, ...}.
 
@@ -80,6 +162,10 @@ def concept_lists(config: dict) -> dict:
             "splits": {"seen": concepts, "unseen": []},
             "pairs": {"trained": toy["_trained_pairs"], "held_out": toy["_held_out_pairs"]},
         }
+    if source == "custom":
+        sets = read_custom_prompts(ev["prompt_file"])
+        concepts = list(dict.fromkeys(c for items in sets.values() for _, n in items for c in n))
+        return {"source": source, "concepts": concepts, "splits": {"seen": concepts, "unseen": []}}
     if source == "attend_excite":
         data = _read_data(ev["prompt_file"])
         vocab = data.get("vocabulary") or {}
@@ -112,6 +198,8 @@ def _prompt_sets(config: dict, concepts: dict) -> dict[str, list[tuple[str, list
             "trained_pairs": [(prompt_for(p), list(p)) for p in concepts["pairs"]["trained"]],
             "held_out_pairs": [(prompt_for(p), list(p)) for p in concepts["pairs"]["held_out"]],
         }
+    if source == "custom":
+        return read_custom_prompts(ev["prompt_file"])
     if source == "attend_excite":
         raw = _read_data(ev["prompt_file"]).get("prompts") or {}
         sets = {
@@ -129,7 +217,15 @@ def _prompt_sets(config: dict, concepts: dict) -> dict[str, list[tuple[str, list
             n_seen = sum(c in seen for c in named)
             key = ["unseen_unseen", "seen_unseen", "seen_seen"][min(n_seen, 2)]
             sets[key].append((line, named))
+        sets = {k: v for k, v in sets.items() if v} or {"seen_seen": []}  # kinds it has
+    if not sets:
+        raise ConfigError(f"{ev['prompt_file']!r} has no prompt sets: give it prompts")
     for name, items in sets.items():
+        if not items:
+            raise ConfigError(
+                f"prompt set {name!r} of {ev['prompt_file']!r} is empty: give it prompts "
+                f"or leave it out of the file"
+            )
         for prompt, named in items:
             if len(named) < 2:
                 raise ConfigError(
@@ -139,12 +235,30 @@ def _prompt_sets(config: dict, concepts: dict) -> dict[str, list[tuple[str, list
     return sets
 
 
+MODEL_SINGLES = "model_singles"
+
+
+def model_singles(prompts: dict, models: dict, template: str) -> list[str]:
+    """Each per-pair model on each of its concepts alone ('a photo of a {c}', the norm loss's
+    template): does the fix for a pair still draw its objects one at a time? Adds the prompts
+    (id: the prompt and its model) and returns their ids."""
+    ids = []
+    for model, entry in models.items():
+        for concept in dict.fromkeys(entry["concepts"]):
+            prompt = template.format(concept)
+            pid = slugify(f"{prompt} | {model}")
+            prompts[pid] = {"prompt": prompt, "concepts": [concept], "model": model}
+            ids.append(pid)
+    return ids
+
+
 def build_plan(config: dict, concepts: dict | None = None) -> dict:
     """Prompt sets, seeds and models of an experiment.
 
     Returns {'format', 'experiment', 'seeds', 'sets': {set: [prompt id]}, 'prompts': {id:
     {'prompt', 'concepts', 'model'}}, 'models': {model id: {'concepts': [...]}}, 'order': [ids]}.
-    In pairs mode every distinct concept tuple of the multi-object prompts gets its own model;
+    In pairs mode every distinct concept tuple of the multi-object prompts gets its own model
+    (with evaluation.model_singles, a set 'model_singles' draws each model's concepts alone);
     in joint mode one model 'joint' is trained on the seen concepts.
     """
     concepts = concepts or concept_lists(config)
@@ -158,6 +272,12 @@ def build_plan(config: dict, concepts: dict | None = None) -> dict:
                 f"this source has {sorted(sets)}"
             )
         sets = {k: v for k, v in sets.items() if k in ev["sets"]}
+    unknown = sorted(set(ev["attend_excite"]["sets"]) - set(sets))
+    if unknown:
+        raise ConfigError(
+            f"evaluation.attend_excite.sets names {unknown}, not among the evaluated prompt "
+            f"sets {sorted(sets)}: name evaluated sets (or [] for every multi-object set)"
+        )
     prompts: dict[str, dict] = {}
     models: dict[str, dict] = {}
     if ft["mode"] == "joint":
@@ -174,12 +294,16 @@ def build_plan(config: dict, concepts: dict | None = None) -> dict:
                         model = "joint"
                     else:
                         model = slugify("+".join(named))
-                        models.setdefault(model, {"concepts": list(named)})
+                        entry = models.setdefault(model, {"concepts": list(named)})
+                        if concepts["source"] == "custom":  # trained on its own prompts
+                            entry.setdefault("prompts", []).append(prompt)
                 elif ft["mode"] == "joint":
                     model = "joint"
                 prompts[pid] = {"prompt": prompt, "concepts": list(named), "model": model}
             ids.append(pid)
         set_ids[name] = ids
+    if ev["model_singles"] and ft["mode"] == "pairs":
+        set_ids[MODEL_SINGLES] = model_singles(prompts, models, ft["single_template"])
     order = list(dict.fromkeys(pid for ids in set_ids.values() for pid in ids))
     start = ev["seed"]
     return {
@@ -193,20 +317,42 @@ def build_plan(config: dict, concepts: dict | None = None) -> dict:
     }
 
 
-def shard_prompts(plan: dict, shard: int, shards: int) -> list[str]:
-    """Prompt ids of one shard: round-robin over the plan's prompt order."""
+# Attend-and-Excite samples only the prompts that name several objects: its latent updates
+# balance the objects' attention, which a one-object prompt does not need (and it costs ~5x).
+MULTI_OBJECT_METHODS = ("attend_excite",)
+
+
+def method_prompts(plan: dict, method: str | None = None, sets=()) -> list[str]:
+    """Prompt ids a method samples, in the plan's order.
+
+    Attend-and-Excite samples the multi-object prompts only, and with `sets` given
+    (evaluation.attend_excite.sets) only those of these prompt sets.
+    """
+    if method not in MULTI_OBJECT_METHODS:
+        return list(plan["order"])
+    chosen = {p for name in sets for p in plan["sets"].get(name, [])} if sets else None
+    return [
+        p
+        for p in plan["order"]
+        if len(plan["prompts"][p]["concepts"]) > 1 and (chosen is None or p in chosen)
+    ]
+
+
+def shard_prompts(
+    plan: dict, shard: int, shards: int, method: str | None = None, sets=()
+) -> list[str]:
+    """Prompt ids of one shard: round-robin over the prompts the method samples."""
     if not 0 <= shard < shards:
         raise SepenError(f"shard {shard} is outside 0..{shards - 1}: give --shard below --shards")
-    return plan["order"][shard::shards]
+    return method_prompts(plan, method, sets)[shard::shards]
 
 
 def read_plan(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise SepenError(f"plan file {str(p)!r} does not exist: run `sepen prompts` first")
-    plan = json.loads(p.read_text())
+    from sepen.artifacts import read_json
+
+    plan = read_json(path, "plan file", "sepen prompts", ("format",))
     if plan.get("format") != PLAN_FORMAT:
-        raise SepenError(f"{str(p)!r} is not a sepen prompt plan (format {PLAN_FORMAT})")
+        raise SepenError(f"{str(path)!r} is not a sepen prompt plan (format {PLAN_FORMAT})")
     return plan
 
 
@@ -230,16 +376,16 @@ def prompts_cli(argv=None) -> int:
     args = p.parse_args(argv)
 
     def body():
-        if not args.concepts.is_file():
-            raise SepenError(
-                f"concepts file {str(args.concepts)!r} does not exist: run `sepen concepts`"
-            )
-        config = load_config(args.config, args.set)
-        plan = build_plan(config, json.loads(args.concepts.read_text()))
-        if config["evaluation"]["metrics"]:  # the first job: a missing metric model stops the
-            from sepen.evaluators import preflight  # DAG here, before any sampling
+        from sepen.artifacts import read_json
 
-            preflight(config)
+        concepts = read_json(
+            args.concepts, "concepts file", "sepen concepts", ("source", "concepts", "splits")
+        )
+        config = load_config(args.config, args.set)
+        plan = build_plan(config, concepts)
+        from sepen.models.required import check_all  # the first job: every missing model
+
+        check_all(config)  # is named here, in one message, before any other work
         write_json(args.out, plan)
         log.info(
             "%d prompts x %d seeds, %d model(s)",

@@ -3,6 +3,8 @@
 - `table`: metrics per prompt set and method with 95% CIs and paired differences to the base
   model; the toy world's premise check and settings study when given.
 - `grid`: sample images, the same seeds side by side for every method.
+- `taxonomy`: why images fail (missing, too small, merged, wrong shape, spurious), per prompt
+  set and method.
 - `losses`: SepEn loss curves.
 - `attention`: object-token cross-attention maps before and after finetuning.
 """
@@ -13,7 +15,6 @@ import argparse
 import csv
 import html
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +55,11 @@ def metrics_table(result: dict, metric: str, anchors: dict | None = None) -> lis
     )
     rows = [header]
     for name, by_method in result["sets"].items():
-        row = [name, str(by_method[methods[0]][metric]["n"])]
-        row += [_ci(by_method[m][metric]) for m in methods]
+        row = [name, str(next(iter(by_method.values()))[metric]["n"])]
+        row += [_ci(by_method[m][metric]) if m in by_method else "-" for m in methods]
         diffs = result["differences"].get(name, {})
-        row += [_ci(diffs[m][metric]) for m in others if m in diffs]
+        if "base" in methods:
+            row += [_ci(diffs[m][metric]) if m in diffs else "-" for m in others]
         rows.append(row)
         anchor = anchor_row(anchors or {}, metric, name, methods, len(header))
         if anchor:
@@ -66,34 +68,103 @@ def metrics_table(result: dict, metric: str, anchors: dict | None = None) -> lis
 
 
 def premise_rows(premise: dict) -> list[list[str]]:
-    rows = [["model", "pairs", "own object", "other object", "maps"]]
-    for model in ("base", "sepen"):
-        for kind, v in premise.get(model, {}).items():
-            rows.append([model, kind, f"{v['own']:.3f}", f"{v['other']:.3f}", str(v["n"])])
+    """Per method and pair set: attention shares on the detected objects, and the AUC of
+    SepEn's per-image values for failure."""
+    rows = [
+        [
+            "method",
+            "prompt set",
+            "images (failed)",
+            "own object",
+            "other object",
+            "background",
+            "object area",
+            "AUC separate",
+            "AUC enhance",
+            "AUC sep + en/2",
+        ]
+    ]
+    for method, by_set in premise["methods"].items():
+        for name, v in by_set.items():
+            shares = [_ci(v[k]) if v[k] else "-" for k in ("own", "other", "background", "area")]
+            aucs = [
+                f"{a['auc']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}]" if a else "-"
+                for a in (v["auc"][k] for k in ("separate", "enhance", "total"))
+            ]
+            rows.append([method, name, f"{v['images']} ({v['failures']})", *shares, *aucs])
     return rows
 
 
+FAILURE_KINDS = ("missing", "too_small", "merged", "wrong_shape", "spurious")
+
+
+def taxonomy_figure(result: dict) -> bytes:
+    """Bars per prompt set and method: the share of images with each kind of failure
+    (an image can fail in more than one way), with their 95% CIs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in FAILURE_KINDS if f"fail_{k}" in result["metrics"]]
+    if not kinds:
+        raise SepenError("the metrics hold no failure taxonomy (fail_*): use toy_detection")
+    sets = [s for s in result["sets"] if s != "overall"]
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.2), squeeze=False)
+    top = max(
+        (v[f"fail_{k}"]["hi"] for s in sets for v in result["sets"][s].values() for k in kinds),
+        default=0.0,
+    )
+    handles: dict = {}
+    order = list(
+        dict.fromkeys([*result.get("methods", []), *(m for s in sets for m in result["sets"][s])])
+    )
+    for ax, name in zip(axes[0], sets):
+        methods = list(result["sets"][name])
+        width = 0.8 / len(methods)
+        for j, method in enumerate(methods):
+            values = [result["sets"][name][method][f"fail_{k}"] for k in kinds]
+            x = np.arange(len(kinds)) + (j - (len(methods) - 1) / 2) * width
+            mean = np.array([v["mean"] for v in values])
+            err = np.array([[v["mean"] - v["lo"], v["hi"] - v["mean"]] for v in values]).T
+            handles[method] = ax.bar(
+                x, mean, width, yerr=err, capsize=2, color=f"C{order.index(method)}"
+            )
+        ax.set_xticks(np.arange(len(kinds)), [k.replace("_", "\n") for k in kinds], fontsize=8)
+        ax.set_title(name, fontsize=9)
+        ax.set_ylabel("share of images", fontsize=8)
+        ax.set_ylim(0, min(1.0, max(0.1, 1.15 * top)))  # one scale for every panel
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="upper right")
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def study_rows(study: dict) -> list[list[str]]:
-    """The settings study: each cell's held-out, trained and single-object success and change."""
-    results, shares = study["results"], study.get("attention_share", {})
-    kinds = [k for k in ("held_out_pairs", "trained_pairs", "single") if k in results]
+    """The settings study (`sepen toy study`): per evaluated set, each cell's success per
+    finetuning seed, its paired change to base per seed, and the mean change over seeds with
+    its range (min to max)."""
+    sets = list(study["base"])
     header = ["cell", "settings"]
-    for k in kinds:
-        header += [k, "change vs base"]
-    header.append("own-object attention (held-out)")
-    rows = [header]
-    names = ["base"] + [c["name"] for c in study["cells"]]
-    settings = {
-        c["name"]: ", ".join(f"{k}={v}" for k, v in c["set"].items()) for c in study["cells"]
-    }
-    for name in names:
-        row = [name, settings.get(name, "-")]
-        for k in kinds:
-            row.append(_ci(results[k][name]["success"]))
-            diff = results[k].get(f"{name}_minus_base")
-            row.append(_ci(diff["success"]) if diff else "")
-        share = shares.get(name, {}).get("held_out_pairs")
-        row.append(f"{share['own']:.3f}" if share else "")
+    for name in sets:
+        header += [f"{name}: success per seed", "change per seed", "mean change (range)"]
+    rows = [header, ["base", "-"]]
+    for name in sets:
+        rows[1] += [_ci(study["base"][name]["success"]), "", ""]
+    for cell in study["cells"]:
+        result = study["results"][cell["name"]]
+        settings = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in cell.get("set", {}).items())
+        row = [cell["name"], settings or "-"]
+        for name in sets:
+            seeds = result[name]["seeds"].values()
+            change = result[name]["success_change"]
+            row += [
+                "; ".join(_ci(v["success"]) for v in seeds),
+                "; ".join(_ci(v["minus_base"]["success"]) for v in seeds),
+                f"{change['mean']:+.3f} ({change['min']:+.3f} to {change['max']:+.3f})",
+            ]
         rows.append(row)
     return rows
 
@@ -135,12 +206,16 @@ def table_page(
         parts.append(html_table(rows))
     if premise:
         parts.append(
-            "<h3>Premise check: share of an object token's attention on its own object</h3>"
+            "<h3>Premise check on the model's own samples: where each object token's "
+            "step-averaged attention falls (shares of its map on the detected objects), and "
+            "how well SepEn's per-image values predict failure (ROC AUC [95% CI]; 0.5 is "
+            "chance)</h3>"
         )
         parts.append(html_table(premise_rows(premise)))
     if study:
         parts.append(
-            f"<h3>Settings study ({study['n_images']} images per kind; success [95% CI])</h3>"
+            f"<h3>Settings study ({study['images_per_prompt']} images per prompt, finetuning "
+            f"seeds {study['seeds']}; success [95% CI], paired changes to base)</h3>"
         )
         parts.append(html_table(study_rows(study)))
     parts.append("</body></html>")
@@ -179,6 +254,8 @@ def sample_grid(
         title = Image.new("RGB", (cell * len(seed_list) + 60, label_h), "white")
         rows.append(_label(title, plan["prompts"][pid]["prompt"]))
         for method in methods:
+            if (method, pid, seed_list[0]) not in paths:  # A&E samples pair prompts only
+                continue
             row = Image.new("RGB", (cell * len(seed_list) + 60, cell), "white")
             _label(row, method)
             for j, s in enumerate(seed_list):
@@ -230,6 +307,23 @@ def loss_figure(files: list[Path]):
     return buf.getvalue()
 
 
+def mean_losses_csv(files: list[Path]) -> str:
+    """The loss parts per step, averaged over the models' logs (one curve for `dvc plots`)."""
+    columns = ("loss", "separate", "enhance", "norm")
+    sums: dict[int, list] = {}
+    for path in files:
+        with open(path) as f:
+            for r in csv.DictReader(f):
+                entry = sums.setdefault(int(r["step"]), [0, [0.0] * len(columns)])
+                entry[0] += 1
+                entry[1] = [a + float(r[c]) for a, c in zip(entry[1], columns)]
+    lines = ["step," + ",".join(columns)]
+    for step in sorted(sums):
+        n, total = sums[step]
+        lines.append(f"{step}," + ",".join(f"{v / n:.6g}" for v in total))
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- attention
 
 
@@ -248,38 +342,14 @@ def averaged_token_maps(
     Maps are the conditional half of the guidance batch, heads averaged, at the largest
     captured resolution; returns (image (h, w, 3) in [0, 1], maps (N, h, w) each summing to 1).
     """
-    import torch
+    from sepen.sampling import sample_with_maps
+    from sepen.tokens import concept_token_positions
 
-    from sepen.attention import install_capture
-    from sepen.tokens import aggregate_token_maps, concept_token_positions
-
-    unet = pipe.unet
-    original = dict(unet.attn_processors)
-    store = install_capture(unet, list(resolutions), unet.config.sample_size)
     positions = concept_token_positions(pipe.tokenizer, prompt, concepts)
-    acc = []
-
-    def on_step(p, i, t, kwargs):
-        maps = store.aggregate()[-1].mean(0).float()  # conditional half, heads averaged
-        acc.append(aggregate_token_maps(maps, positions, how))
-        store.reset()
-        return kwargs
-
-    try:
-        with torch.no_grad():
-            image = pipe(
-                prompt,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                generator=torch.Generator().manual_seed(seed),
-                output_type="np",
-                callback_on_step_end=on_step,
-            ).images[0]
-    finally:
-        unet.set_attn_processor(original)
-    maps = torch.stack(acc).mean(0)
-    maps = maps / maps.sum((-1, -2), keepdim=True)
-    return image, maps.cpu().numpy()
+    images, maps = sample_with_maps(
+        pipe, [prompt], [positions], [seed], steps, guidance, resolutions, 1, how
+    )
+    return images[0], maps[0] / maps[0].sum((-1, -2), keepdims=True)
 
 
 def attention_figure(rows: list[tuple[str, str, np.ndarray, np.ndarray, list[str]]]) -> bytes:
@@ -364,11 +434,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--config", type=Path, required=True)
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     g.add_argument("--plan", type=Path, required=True)
-    g.add_argument("--manifests", type=Path, nargs="+", required=True)
+    which = g.add_mutually_exclusive_group(required=True)
+    which.add_argument("--manifests", type=Path, nargs="+", help="shard manifests")
+    which.add_argument(
+        "--samples-dir",
+        type=Path,
+        help="folder of <method>/shard-<k>.json for the config's methods and shards",
+    )
     g.add_argument("--out", type=Path, required=True)
     lo = sub.add_parser("losses", help="loss curves (PNG)")
-    lo.add_argument("--csv", type=Path, nargs="+", required=True)
+    which = lo.add_mutually_exclusive_group(required=True)
+    which.add_argument("--csv", type=Path, nargs="+", help="loss logs of `sepen finetune`")
+    which.add_argument("--losses-dir", type=Path, help="folder of <model>.csv loss logs")
+    lo.add_argument("--plan", type=Path, help="the plan whose models' logs --losses-dir holds")
+    lo.add_argument("--table", type=Path, help="mean loss per step over the models (CSV)")
     lo.add_argument("--out", type=Path, required=True)
+    f = sub.add_parser("taxonomy", help="failure taxonomy per set and method (PNG)")
+    f.add_argument("--metrics", type=Path, required=True, help="results of `sepen aggregate`")
+    f.add_argument("--out", type=Path, required=True)
     a = sub.add_parser("attention", help="object-token attention before/after (PNG)")
     a.add_argument("--config", type=Path, required=True)
     a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -379,31 +462,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _read_json(path: Path | None):
-    if path is None:
-        return None
-    if not path.is_file():
-        raise SepenError(f"{str(path)!r} does not exist: run the step that writes it first")
-    return json.loads(path.read_text())
+def _read_json(path: Path | None, what: str, made_by: str, keys=()):
+    from sepen.artifacts import read_json
+
+    return None if path is None else read_json(path, what, made_by, keys)
+
+
+def _metrics(path: Path) -> dict:
+    return _read_json(path, "metrics file", "sepen aggregate", ("methods", "metrics", "sets"))
 
 
 def main(args: argparse.Namespace) -> None:
     if args.figure == "table":
         anchors = load_config(args.config)["report"]["anchors"] if args.config else {}
-        result = _read_json(args.metrics)
+        result = _metrics(args.metrics)
         models = result.get("models", {})
         notes = "; ".join(f"{k}: {v}" for k, v in models.items())
         page = table_page(
             result,
-            _read_json(args.premise),
-            _read_json(args.study),
+            _read_json(args.premise, "premise file", "sepen toy premise", ("methods",)),
+            _read_json(args.study, "study file", "sepen toy study", ("cells", "results")),
             f"Models: {notes}" if notes else "",
             anchors,
         )
         write_text(args.out, page)
     elif args.figure == "grid":
         config = load_config(args.config, args.set)
-        manifests = [_read_json(m) for m in args.manifests]
+        from sepen.artifacts import read_manifest, shard_files
+
+        ev = config["evaluation"]
+        files = args.manifests or shard_files(args.samples_dir, ev["methods"], ev["shards"])
+        manifests = [read_manifest(m) for m in files]
         image = sample_grid(
             read_plan(args.plan),
             manifests,
@@ -411,11 +500,21 @@ def main(args: argparse.Namespace) -> None:
             config["report"]["grid_seeds"],
         )
         write_bytes(args.out, _png(image))
+    elif args.figure == "taxonomy":
+        write_bytes(args.out, taxonomy_figure(_metrics(args.metrics)))
     elif args.figure == "losses":
-        missing = [str(p) for p in args.csv if not p.is_file()]
+        files = args.csv
+        if args.losses_dir is not None:
+            if args.plan is None:
+                raise SepenError("--losses-dir needs --plan, whose models' loss logs it holds")
+            models = sorted(read_plan(args.plan)["models"])
+            files = [args.losses_dir / f"{m}.csv" for m in models]
+        missing = [str(p) for p in files if not p.is_file()]
         if missing:
             raise SepenError(f"loss logs missing: {missing[:3]}: run `sepen finetune` first")
-        write_bytes(args.out, loss_figure(args.csv))
+        write_bytes(args.out, loss_figure(files))
+        if args.table is not None:
+            write_text(args.table, mean_losses_csv(files))
     else:
         config = load_config(args.config, args.set)
         rows = attention_rows(

@@ -139,28 +139,44 @@ def settings_fingerprint(config: dict, model: str, method: str, deltas) -> str:
         "sampling": [sp["steps"], sp["guidance_scale"], device_and_dtype(sp)[1]],
         "deltas": {d: file_digest(Path(d)) for d in used},
     }
+    if method == "attend_excite":
+        data["attend_excite"] = config["evaluation"]["attend_excite"]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def invalidate_if_changed(images_dir: Path, fingerprint: str) -> bool:
-    """Remove kept images made with other settings; returns whether any were removed."""
+    """Remove kept images made with other settings; returns whether any were removed.
+
+    Under an exclusive lock on the folder, so that two processes sampling the same shard at
+    once (a retried job beside a live one) do not remove each other's fresh images.
+    """
+    import fcntl
     import shutil
 
-    stamp = images_dir / ".settings"
-    if stamp.is_file() and stamp.read_text().strip() == fingerprint:
-        return False
-    removed = False
-    if images_dir.is_dir():
+    images_dir.mkdir(parents=True, exist_ok=True)
+    with open(images_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stamp = images_dir / ".settings"
+        if stamp.is_file() and stamp.read_text().strip() == fingerprint:
+            return False
+        removed = False
         for child in images_dir.iterdir():
             if child.is_dir():
                 shutil.rmtree(child)
                 removed = True
-    write_bytes(stamp, fingerprint.encode())
-    return removed
+        write_bytes(stamp, fingerprint.encode())
+        return removed
 
 
 def attend_excite_pipeline(pipe):
     """diffusers' Attend-and-Excite pipeline sharing the base pipeline's components."""
+    from sepen.models.loading import is_sdxl
+
+    if is_sdxl(pipe):
+        raise SepenError(
+            "Attend-and-Excite has no Stable Diffusion XL pipeline in diffusers: remove "
+            "attend_excite from evaluation.methods (SDXL configs compare base and SepEn)"
+        )
     try:
         from diffusers import StableDiffusionAttendAndExcitePipeline
     except ImportError as err:  # removed from a future diffusers
@@ -171,6 +187,30 @@ def attend_excite_pipeline(pipe):
     ae = StableDiffusionAttendAndExcitePipeline.from_pipe(pipe)
     ae.set_progress_bar_config(disable=True)
     return ae
+
+
+PUBLISHED_STEPS = 50  # Attend-and-Excite's schedule is given for 50 denoising steps
+PUBLISHED_THRESHOLDS = {0: 0.05, 10: 0.5, 20: 0.8}
+PUBLISHED_MAX_ITER = 25
+
+
+def attend_excite_schedule(ae_cfg: dict, steps: int) -> tuple[int, dict[int, float]]:
+    """(max_iter_to_alter, thresholds) for `steps` denoising steps.
+
+    Unset values take the published schedule for 50 steps with its step indices scaled to
+    `steps` (for 25 steps: updates in the first 12, refinement at steps 0, 5 and 10), so the
+    updates cover the same part of the denoising trajectory.
+    """
+    scale = steps / PUBLISHED_STEPS
+    max_iter = ae_cfg["max_iter_to_alter"]
+    if max_iter is None:
+        max_iter = int(PUBLISHED_MAX_ITER * scale)
+    thresholds = ae_cfg["thresholds"]
+    if thresholds is None:
+        thresholds = {int(k * scale): v for k, v in PUBLISHED_THRESHOLDS.items()}
+    else:
+        thresholds = {int(k): float(v) for k, v in thresholds.items()}
+    return max_iter, thresholds
 
 
 def sample_attend_excite(ae, entry: dict, seeds, sp: dict, ae_cfg: dict):
@@ -184,6 +224,7 @@ def sample_attend_excite(ae, entry: dict, seeds, sp: dict, ae_cfg: dict):
     positions = concept_token_positions(ae.tokenizer, entry["prompt"], entry["concepts"])
     indices = sorted({i for sub in positions for i in sub})
     res = ae_cfg["attention_res"]
+    max_iter, thresholds = attend_excite_schedule(ae_cfg, sp["steps"])
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     return ae(
         [entry["prompt"]] * len(seeds),
@@ -191,7 +232,8 @@ def sample_attend_excite(ae, entry: dict, seeds, sp: dict, ae_cfg: dict):
         attn_res=(res, res),
         num_inference_steps=sp["steps"],
         guidance_scale=sp["guidance_scale"],
-        max_iter_to_alter=ae_cfg["max_iter_to_alter"],
+        max_iter_to_alter=max_iter,
+        thresholds=thresholds,
         scale_factor=ae_cfg["scale_factor"],
         generator=gens,
         output_type="np",
@@ -205,8 +247,9 @@ def _group(items: list, key) -> dict:
     return groups
 
 
-def plan_items(plan: dict, shard: int, shards: int) -> list[tuple[str, int]]:
-    return [(pid, s) for pid in shard_prompts(plan, shard, shards) for s in plan["seeds"]]
+def plan_items(plan: dict, shard: int, shards: int, method: str, sets=()) -> list[tuple[str, int]]:
+    ids = shard_prompts(plan, shard, shards, method, sets)
+    return [(pid, s) for pid in ids for s in plan["seeds"]]
 
 
 def delta_for(plan: dict, method: str, prompt_id: str, model_dir: Path | None) -> Path | None:
@@ -225,13 +268,19 @@ def run(args: argparse.Namespace) -> dict:
         )
     if args.method == "sepen" and args.model_dir is None:
         raise SepenError("method 'sepen' needs --model-dir, the folder of the finetuned deltas")
-    items = plan_items(plan, args.shard, args.shards)
+    items = plan_items(
+        plan, args.shard, args.shards, args.method, config["evaluation"]["attend_excite"]["sets"]
+    )
     deltas = {pid: delta_for(plan, args.method, pid, args.model_dir) for pid, _ in items}
     missing = sorted({str(d) for d in deltas.values() if d is not None and not d.is_file()})
     if missing:
         raise SepenError(f"finetuned deltas missing: {missing[:3]}: run `sepen finetune` for them")
     images_dir = Path(args.images_dir)
     model = args.model or config["model"]["pretrained"]
+    from sepen.delta import check_base_model
+
+    for delta in sorted({str(d) for d in deltas.values() if d is not None}):
+        check_base_model(delta, model)
     fingerprint = settings_fingerprint(config, model, args.method, deltas.values())
     if invalidate_if_changed(images_dir, fingerprint):
         log.warning("settings changed since the kept images were made: sampling them again")

@@ -42,3 +42,63 @@ def sample(
     if output_type == "np":
         return np.concatenate(out)
     return torch.cat([o.float().cpu() for o in out])
+
+
+def sample_with_maps(
+    pipe,
+    prompts: Sequence[str],
+    positions: Sequence[Sequence[Sequence[int]]],
+    seeds: Sequence[int],
+    steps: int,
+    guidance: float,
+    resolutions: Sequence[int],
+    batch_size: int = 32,
+    how: str = "mean",
+    desc: str | None = None,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Images and each image's concept attention maps, averaged over the denoising steps.
+
+    `positions[i]` are the token positions of prompt i's concepts (sepen.tokens). The maps are
+    the raw cross-attention probabilities of the conditional prompt (heads averaged, layers at
+    `resolutions` averaged at the largest grid, sub-tokens combined by `how`): entry i has shape
+    (N_i, h, w). The pipeline's attention processors are restored afterwards.
+    """
+    from sepen.attention import install_capture
+    from sepen.tokens import aggregate_token_maps
+
+    unet = pipe.unet
+    original = dict(unet.attn_processors)
+    store = install_capture(unet, list(resolutions), unet.config.sample_size)
+    images, maps = [], []
+    state: dict = {}
+
+    def on_step(p, i, t, kwargs):
+        n, where, acc = len(state["where"]), state["where"], state["acc"]
+        step = store.aggregate()[-n:].mean(1).float()  # conditional half, heads averaged
+        for b in range(n):
+            m = aggregate_token_maps(step[b], where[b], how)
+            acc[b] = m if acc[b] is None else acc[b] + m
+        store.reset()
+        return kwargs
+
+    try:
+        for lo in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None):
+            chunk = list(prompts[lo : lo + batch_size])
+            state["where"] = positions[lo : lo + batch_size]
+            state["acc"] = [None] * len(chunk)
+            gens = [torch.Generator().manual_seed(int(s)) for s in seeds[lo : lo + batch_size]]
+            store.reset()
+            with torch.no_grad():
+                out = pipe(
+                    chunk,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    generator=gens,
+                    output_type="np",
+                    callback_on_step_end=on_step,
+                )
+            images.append(out.images)
+            maps += [(a / steps).cpu().numpy() for a in state["acc"]]
+    finally:
+        unet.set_attn_processor(original)
+    return np.concatenate(images), maps

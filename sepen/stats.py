@@ -27,3 +27,46 @@ def paired_difference(after: Sequence[float], before: Sequence[float], **kwargs)
     if a.shape != b.shape:
         raise ValueError(f"paired samples differ in number: {a.size} vs {b.size}")
     return bootstrap_ci(a - b, **kwargs)
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[float]) -> float:
+    """Area under the ROC curve: the chance that a random positive (label 1) scores higher
+    than a random negative, ties counting one half (the Mann-Whitney statistic)."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    if s.shape != y.shape:
+        raise ValueError(f"{s.size} scores for {y.size} labels")
+    pos, neg = s[y], s[~y]
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError(f"AUC needs both classes; got {pos.size} positives, {neg.size} negatives")
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (pos.size * neg.size))
+
+
+def auc_ci(
+    scores: Sequence[float],
+    labels: Sequence[float],
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """ROC AUC with a percentile bootstrap CI over items: {'auc', 'lo', 'hi', 'n', 'positives'}.
+
+    Resamples that hold only one class are skipped.
+    """
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    auc = roc_auc(s, y)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for idx in rng.integers(0, s.size, size=(n_boot, s.size)):
+        if 0 < y[idx].sum() < idx.size:
+            draws.append(roc_auc(s[idx], y[idx]))
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(draws, [alpha, 1 - alpha])
+    return {
+        "auc": auc,
+        "lo": float(lo),
+        "hi": float(hi),
+        "n": int(s.size),
+        "positives": int(y.sum()),
+    }

@@ -50,7 +50,7 @@ def test_tiny_model_step_then_finetune_from_the_console_script(tmp_path):
         ("config/sd14_pairs.yaml", "pairs"),
         ("config/sd21_pairs.yaml", "pairs"),
         ("config/sd14_joint.yaml", "joint"),
-        ("config/config.yaml", "joint"),
+        ("config/config.yaml", "pairs"),
         ("config/test/smoke.yaml", "joint"),
     ],
 )

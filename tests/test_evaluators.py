@@ -283,6 +283,7 @@ def test_metrics_and_fid_commands_end_to_end_on_tiny_models(
     manifest = {
         "method": "base",
         "shard": 0,
+        "shards": 1,
         "images": [
             {"prompt_id": p, "seed": s, "path": str(path)} for (p, s), path in zip(items, paths)
         ],

@@ -1,5 +1,7 @@
 import itertools
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,14 +51,74 @@ def test_enhance_is_one_minus_the_weaker_smoothed_peak():
     b = torch.zeros(5, 5)
     a[2, 2] = 0.6
     b[1:4, 1:4] = 0.5
-    k = gaussian_kernel(3, 0.5)
+    k = gaussian_kernel(3, 0.5, "textbook")
     assert k.sum().item() == pytest.approx(1.0)
     centre = (1 / (1 + 2 * torch.exp(torch.tensor(-2.0)))) ** 2  # 1-D weights e^-2, 1, e^-2
     assert k[1, 1].item() == pytest.approx(centre.item(), rel=1e-6)
     peak_a = 0.6 * k[1, 1].item()  # an isolated spike keeps the kernel's centre weight: 0.37
     peak_b = 0.5  # a flat 3x3 block keeps its value at its centre
-    assert enhance_loss(_maps(a, b)).item() == pytest.approx(1 - peak_a, rel=1e-6)
+    maps = _maps(a, b)
+    assert enhance_loss(maps, kernel="textbook").item() == pytest.approx(1 - peak_a, rel=1e-6)
     assert enhance_loss(_maps(b, b)).item() == pytest.approx(1 - peak_b, rel=1e-6)
+    # the default is the authors' kernel: 1-D weights e^-1, 1, e^-1, centre 0.332
+    authors = gaussian_kernel(3, 0.5)
+    centre = (1 / (1 + 2 * torch.exp(torch.tensor(-1.0)))) ** 2
+    assert authors[1, 1].item() == pytest.approx(centre.item(), rel=1e-6)
+    assert authors[1, 1].item() == pytest.approx(0.332, abs=1e-3)
+    assert enhance_loss(maps).item() == pytest.approx(1 - 0.6 * centre.item(), rel=1e-6)
+
+
+def _authors_enhance(maps: np.ndarray) -> float:
+    """An independent transcription of the authors' enhance loss for one sample.
+
+    Their GaussianSmoothing builds, per axis, 1 / (sigma sqrt(2 pi)) exp(-((x - mean) /
+    (2 sigma))^2) over kernel_size points, multiplies the axes and divides by the sum; each
+    map is padded by reflection, convolved, and its maximum over heads and pixels taken; the
+    loss is 1 minus the smaller maximum. maps: (N, H, h, w), float64.
+    """
+    size, sigma = 3, 0.5
+    grid = np.meshgrid(np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64))
+    kernel = np.ones((size, size))
+    for axis in grid:
+        mean = (size - 1) / 2
+        kernel = kernel * (
+            1 / (sigma * math.sqrt(2 * math.pi)) * np.exp(-(((axis - mean) / (2 * sigma)) ** 2))
+        )
+    kernel = kernel / kernel.sum()
+    peaks = []
+    for concept in maps:
+        best = -np.inf
+        for head in concept:
+            padded = np.pad(head, 1, mode="reflect")
+            h, w = head.shape
+            for y in range(h):
+                for x in range(w):
+                    best = max(best, float((padded[y : y + 3, x : x + 3] * kernel).sum()))
+        peaks.append(best)
+    return 1.0 - min(peaks)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_enhance_loss_equals_the_authors_formula_on_any_maps(seed):
+    gen = torch.Generator().manual_seed(seed)
+    # random maps, softmax-normalised over the concepts' tokens like attention, and peaked ones
+    raw = torch.rand(3, 2, 4, 8, 8, generator=gen, dtype=torch.float64)
+    maps = [raw, raw.pow(8), torch.softmax(raw * 6, dim=1)]
+    for m in maps:
+        ours = enhance_loss(m.float(), reduction="none").double().numpy()
+        theirs = np.array([_authors_enhance(sample.numpy()) for sample in m])
+        np.testing.assert_allclose(ours, theirs, atol=1e-6, rtol=0)
+
+
+def test_textbook_kernel_differs_on_peaked_maps():
+    spike = torch.zeros(1, 2, 1, 5, 5)
+    spike[0, :, 0, 2, 2] = 1.0
+    authors = enhance_loss(spike).item()
+    textbook = enhance_loss(spike, kernel="textbook").item()
+    assert authors == pytest.approx(1 - 0.332, abs=1e-3)
+    assert textbook == pytest.approx(1 - 0.619, abs=1e-3)
+    with pytest.raises(ValueError, match="kernel form 'gauss'"):
+        gaussian_kernel(3, 0.5, "gauss")
 
 
 def test_smoothing_uses_reflect_padding():

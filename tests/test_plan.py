@@ -70,13 +70,20 @@ def test_large_scale_plan_sorts_test_prompts_by_seen_and_unseen_concepts():
 def test_toy_plan_has_single_trained_and_held_out_sets_from_the_world_split():
     from sepen.toy.world import pair_split
 
-    config = load_config("config/config.yaml")
+    config = load_config("config/config.yaml", ["evaluation.sets=[]"])  # every set
     plan = build_plan(config)
     trained, held = pair_split(config["toy"]["concepts"], 8, 0)
     assert {k: len(v) for k, v in plan["sets"].items()} == {
         "single": 8,
         "trained_pairs": len(trained),
         "held_out_pairs": len(held),
+        "model_singles": 2 * (len(trained) + len(held)),  # each pair model's two objects
+    }
+    default = build_plan(load_config("config/config.yaml"))  # the default run's sets
+    assert {k: len(v) for k, v in default["sets"].items()} == {
+        "single": 8,
+        "held_out_pairs": len(held),
+        "model_singles": 2 * len(held),
     }
     held_concepts = [plan["prompts"][p]["concepts"] for p in plan["sets"]["held_out_pairs"]]
     assert held_concepts == held

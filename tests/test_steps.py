@@ -190,9 +190,27 @@ def test_report_table_grid_and_losses(toy_setup):
         collect([_shard("base", plan, lambda i, s: 0.0), _shard("sepen", plan, lambda i, s: 1.0)]),
         n_boot=50,
     )
-    premise = {"base": {"held_out_pairs": {"own": 0.2, "other": 0.1, "n": 4}}}
+    ci = {"mean": 0.2, "lo": 0.1, "hi": 0.3, "n": 4}
+    auc = {"auc": 0.75, "lo": 0.6, "hi": 0.9, "n": 4, "positives": 2}
+    premise = {
+        "methods": {
+            "base": {
+                "held_out_pairs": {
+                    "images": 4,
+                    "failures": 2,
+                    "own": ci,
+                    "other": ci,
+                    "background": ci,
+                    "area": ci,
+                    "auc": {"separate": auc, "enhance": None, "total": auc},
+                }
+            }
+        }
+    }
     page = table_page(result, premise, None)
-    assert "held_out_pairs" in page and "1.000 [1.000, 1.000]" in page and "0.200" in page
+    assert "held_out_pairs" in page and "1.000 [1.000, 1.000]" in page
+    assert "0.200 [0.100, 0.300]" in page and "0.750 [0.600, 0.900]" in page
+    assert "<td>4 (2)</td>" in page
     manifest = _sample(toy_setup)
     grid = sample_grid(plan, [manifest, {**manifest, "method": "sepen"}], 1, 2, cell=64)
     # one prompt (one set, 1 per set): a 16-pixel title row and a 64-pixel row per method;
@@ -243,3 +261,34 @@ def test_fid_without_a_reference_folder_names_the_key(toy_setup, capsys):
     missing = ["--set", f"evaluation.fid.reference={toy_setup['dir']}/real"]
     assert main([*args, *missing, "--out", str(toy_setup["dir"] / "f.json")]) == 2
     assert "real' does not exist" in capsys.readouterr().err
+
+
+def test_premise_step_measures_base_and_sepen_on_the_plans_pair_prompts(toy_setup):
+    from sepen.delta import save_delta, unet_delta_tensors
+    from sepen.models import load_pipeline
+    from sepen.toy.premise import cli
+    from sepen.trainable import prepare_trainable, trainable_layers
+
+    d = toy_setup["dir"]
+    base = load_pipeline(load_config(toy_setup["config"])["model"]["pretrained"])
+    prepare_trainable(base.unet, trainable_layers(base.unet, [], True), "to_k")
+    save_delta(
+        d / "models" / "joint.safetensors",
+        unet_delta_tensors(base.unet, "to_k"),
+        base_model="base",
+        revision=None,
+        trainable="to_k",
+        config={},
+    )
+    args = ["--config", str(toy_setup["config"]), "--plan", str(toy_setup["plan_path"])]
+    args += ["--set", "toy.premise_images=2", "--out", str(d / "premise.json")]
+    assert cli([*args, "--model-dir", str(d / "models")]) == 0
+    premise = json.loads((d / "premise.json").read_text())
+    assert premise["images_per_prompt"] == 2 and set(premise["methods"]) == {"base", "sepen"}
+    base_, same = (premise["methods"][m]["held_out_pairs"] for m in ("base", "sepen"))
+    assert base_["images"] == 4  # 2 prompts x 2 seeds
+    # the delta holds the base weights: the same images, maps and values
+    assert same == base_
+    for key in ("own", "other", "background"):
+        if base_[key] is not None:
+            assert 0 <= base_[key]["mean"] <= 1

@@ -66,15 +66,6 @@ def test_pretrained_toy_model_loads_as_a_stable_diffusion_pipeline(tiny_toy_mode
     assert np.array_equal(images[0], images[1])  # same seed, same image
 
 
-def test_cell_fractions_average_the_mask_over_each_cell():
-    from sepen.toy.evaluate import _cell_fractions
-
-    mask = np.zeros((4, 4), bool)
-    mask[0, 0] = mask[0, 1] = mask[1, 0] = True
-    mask[2:, 2:] = True
-    assert _cell_fractions(mask, 2).tolist() == [[0.75, 0.0], [0.0, 1.0]]
-
-
 def test_sepen_on_the_toy_model_end_to_end(tmp_path, tiny_toy_model):
     """Pretrain (tiny) -> SepEn finetune (joint, norm loss) -> evaluate with paired seeds."""
     from sepen.delta import save_delta, unet_delta_tensors
@@ -122,8 +113,6 @@ def test_sepen_on_the_toy_model_end_to_end(tmp_path, tiny_toy_model):
                 str(tmp_path / f"{name}.safetensors"),
                 "--images",
                 "3",
-                "--premise-scenes",
-                "1",
                 "--out",
                 str(tmp_path / f"{name}.json"),
                 "--grid",
@@ -136,9 +125,4 @@ def test_sepen_on_the_toy_model_end_to_end(tmp_path, tiny_toy_model):
     for entry in same["kinds"].values():
         assert entry["sepen"]["success"] == entry["base"]["success"]
         assert entry["sepen_minus_base"]["success"]["mean"] == 0.0
-    shares = json.loads((tmp_path / "sepen.json").read_text())["attention_share"]
-    for method in ("base", "sepen"):
-        for kind in ("trained_pairs", "held_out_pairs"):
-            s = shares[method][kind]
-            assert 0 <= s["own"] <= 1 and 0 <= s["other"] <= 1 and s["n"] == 6
     assert (tmp_path / "sepen.png").stat().st_size > 0

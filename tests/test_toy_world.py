@@ -95,3 +95,55 @@ def test_pair_split_holds_out_pairs_but_keeps_every_concept():
 def test_prompts_follow_the_papers_grammar():
     assert prompt_for(["circle"]) == "a photo of a circle"
     assert prompt_for(["circle", "square"], "with") == "a photo of a circle with a square"
+
+
+def _scores(objects, named, extra=None):
+    from sepen.toy.detect import regions, score_regions
+
+    image = render(objects)
+    if extra is not None:
+        extra(image)
+    return score_regions(regions(image), named)
+
+
+def _fails(scores):
+    return {k for k, v in scores.items() if k.startswith("fail_") and v}
+
+
+def test_taxonomy_missing_object():
+    scores = _scores([Placed("circle", 10, 10, 6)], ["circle", "square"])
+    assert scores["success"] == 0.0 and _fails(scores) == {"fail_missing"}
+
+
+def test_taxonomy_too_small_object():
+    def speck(image):  # a 2x2 blue speck: under the detector's minimum area of 8 pixels
+        image[24:26, 24:26] = CONCEPTS["square"].color
+
+    scores = _scores([Placed("circle", 10, 10, 6)], ["circle", "square"], speck)
+    assert _fails(scores) == {"fail_too_small"}
+
+
+def test_taxonomy_merged_objects():
+    # a blue square drawn over most of the red circle: the circle's rest touches the square
+    scores = _scores(
+        [Placed("circle", 12, 16, 6), Placed("square", 18, 16, 6)], ["circle", "square"]
+    )
+    assert scores["hit_rate"] == 0.5 and _fails(scores) == {"fail_merged"}
+
+
+def test_taxonomy_wrong_shape_and_spurious():
+    def red_star(image):  # the circle's colour in the star's shape, apart from the square
+        image[shape_mask("star", 8, 8, 6, 32)] = CONCEPTS["circle"].color
+
+    scores = _scores([Placed("square", 24, 24, 6)], ["circle", "square"], red_star)
+    assert _fails(scores) == {"fail_wrong_shape"}
+    # the same red star where the star is named: the circle took its partner's shape (mixed)
+    scores = _scores([Placed("square", 24, 24, 6)], ["circle", "star"], red_star)
+    assert _fails(scores) == {"fail_merged", "fail_missing", "fail_spurious"}
+    scores = _scores([Placed("circle", 8, 8, 6), Placed("star", 24, 24, 7)], ["circle", "square"])
+    assert scores["spurious"] == 1.0 and _fails(scores) == {"fail_missing", "fail_spurious"}
+
+
+def test_taxonomy_is_empty_for_a_success():
+    scores = _scores([Placed("circle", 8, 8, 6), Placed("star", 24, 24, 7)], ["circle", "star"])
+    assert scores["success"] == 1.0 and not _fails(scores)

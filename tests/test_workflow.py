@@ -1,6 +1,7 @@
 """The Snakemake workflow and the DVC pipeline, run in temporary copies of the project."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sepen.toy.detect import FAILURES
 from sepen.workflow import STEP_PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +123,11 @@ def test_dvc_stages_run_the_same_commands_and_params_as_the_snakemake_rules(proj
     spec = yaml.safe_load((project / "dvc.yaml").read_text())
     config = yaml.safe_load((project / "config/config.yaml").read_text())
     assert spec["vars"][1]["shards"] == list(range(config["evaluation"]["shards"]))
+    from sepen.config import load_config
+    from sepen.plan import build_plan
+
+    plan = build_plan(load_config(project / "config/config.yaml"))
+    assert spec["vars"][2]["models"] == sorted(plan["models"])
     for name, stage in spec["stages"].items():
         keys = stage.get("params", [{}])[0].get("config/config.yaml", [])
         assert sorted(keys) == sorted(STEP_PARAMS[name]), name
@@ -147,13 +154,20 @@ def test_smoke_run_writes_every_artifact_with_real_numbers(smoke_run):
     assert set(result["sets"]) == {"single", "held_out_pairs", "overall"}
     for name, by_method in result["sets"].items():
         n = len(plan["order"] if name == "overall" else plan["sets"][name]) * 2
-        for method in ("base", "sepen"):
+        # Attend-and-Excite samples the multi-object prompts only (its set: held-out pairs)
+        methods = ["base", "sepen"] + (["attend_excite"] if name == "held_out_pairs" else [])
+        assert sorted(by_method) == sorted(methods)
+        for method in methods:
             ci = by_method[method]["success"]
             assert ci["n"] == n and 0 <= ci["lo"] <= ci["mean"] <= ci["hi"] <= 1
+        taxonomy = {k for k in by_method["base"] if k.startswith("fail_")}
+        assert taxonomy == {f"fail_{k}" for k in FAILURES} | {"fail_spurious"}
     premise = json.loads((r / "premise.json").read_text())
-    assert set(premise) == {"scenes", "base", "sepen"}
-    assert 0 < premise["base"]["held_out_pairs"]["own"] < 1
-    for png in ("samples", "losses", "attention"):
+    assert set(premise["methods"]) == {"base", "sepen"}
+    held = premise["methods"]["base"]["held_out_pairs"]
+    assert held["images"] == len(plan["sets"]["held_out_pairs"]) * 2
+    assert set(held["auc"]) == {"separate", "enhance", "total"}
+    for png in ("samples", "losses", "attention", "taxonomy"):
         assert (r / "report" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
     html = (r / "report" / "metrics.html").read_text()
     assert "held_out_pairs" in html and "Settings study" in html and "Premise check" in html
@@ -229,6 +243,12 @@ def test_smoke_config_through_dvc_matches_snakemake_and_pushes_and_pulls(
     # dvc.yaml reads config/config.yaml, with every key its stages use written out
     smoke = load_config(ROOT / "config/test/smoke.yaml", ["evaluation.shards=1"])
     (project / "config/config.yaml").write_text(yaml.safe_dump(smoke))
+    from sepen.plan import build_plan
+
+    spec = (project / "dvc.yaml").read_text()
+    models = sorted(build_plan(smoke)["models"])  # the models var holds the plan's models
+    spec = re.sub(r"(?ms)^  - models: \[.*?\]", f"  - models: {json.dumps(models)}", spec)
+    (project / "dvc.yaml").write_text(spec)
     run(["dvc", "init", "--no-scm", "-q"], project)
     run(["dvc", "remote", "add", "-d", "local", str(project / "remote")], project)
     run(["dvc", "repro"], project)
@@ -300,6 +320,127 @@ def test_an_interrupted_sampling_shard_rerun_generates_only_the_missing_images(s
     manifest = json.loads(shard.read_text())
     assert (manifest["generated"], manifest["reused"]) == (2, len(images) - 2)
     assert (project / images[0]["path"]).read_bytes() == kept
+
+
+def _job_pids(project: Path, step: str) -> list[int]:
+    """Processes of `python -m sepen <step>` running in `project` (read from /proc)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if b"sepen" in cmd and step.encode() in cmd and cwd == str(project):
+            pids.append(int(proc.name))
+    return pids
+
+
+def _kill_job_when(project: Path, run, step: str, ready, timeout: float = 600) -> None:
+    """SIGKILL the `sepen <step>` job once `ready()` holds, as a preempted cluster job dies;
+    then let the workflow run end (it reports the failed job)."""
+    import signal
+    import time
+
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if run.poll() is not None:
+            raise AssertionError(f"the run ended before the {step} job could be killed")
+        pids = _job_pids(project, step)
+        if pids and ready():
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"no {step} job reached the kill point in {timeout} s")
+    assert run.wait(timeout=300) != 0  # the killed job fails the run
+
+
+def _digests(project: Path) -> dict[str, str]:
+    """sha256 of the delta, every image and every metrics file of a smoke run."""
+    import hashlib
+
+    r = project / "results/smoke"
+    files = [r / "models/joint.safetensors", *sorted((r / "samples").rglob("*.png"))]
+    files += sorted((r / "metrics").rglob("*.json"))
+    return {str(f.relative_to(project)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def _start(project: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["snakemake", "--cores", "2", "--configfile", "config/test/smoke.yaml"],
+        cwd=project,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+
+
+@pytest.mark.slow
+def test_killed_jobs_rerun_to_the_same_delta_images_and_metrics(smoke_run, tmp_path_factory):
+    """SIGKILL the finetuning job while a checkpoint is saved, then the sampling job, then the
+    metrics job; each time the same command finishes the run, and the delta, images and
+    metrics equal an uninterrupted run's."""
+    reference, _ = smoke_run
+    project = copy_project(tmp_path_factory.mktemp("killed"))
+    r = project / "results/smoke"
+    state = r / "state/joint"
+    slow = {"SEPEN_TEST_SLOW_SAVE": "30", "PYTHONPATH": str(ROOT / "tests/shims")}
+    run = _start(project, slow)
+    _kill_job_when(project, run, "finetune", lambda: any(state.glob(".checkpoint-3.tmp/*")))
+    assert not list(state.glob("checkpoint-*"))  # the save cut short is not a checkpoint
+    run = _start(project)
+    images = r / "samples"
+    _kill_job_when(project, run, "sample", lambda: any(images.rglob("*.png")))
+    run = _start(project)
+    _kill_job_when(project, run, "metrics", lambda: True)
+    snakemake(project, "--configfile", "config/test/smoke.yaml")
+    assert not list(state.glob(".checkpoint-*"))
+    assert _digests(project) == _digests(reference)
+
+
+@pytest.mark.slow
+def test_a_finetuning_job_killed_after_a_checkpoint_resumes_from_it(smoke_run, tmp_path_factory):
+    reference, _ = smoke_run
+    project = copy_project(tmp_path_factory.mktemp("resumed"))
+    state = project / "results/smoke/state/joint"
+    run = _start(project)
+    _kill_job_when(project, run, "finetune", lambda: (state / "checkpoint-3").is_dir())
+    snakemake(project, "--configfile", "config/test/smoke.yaml")
+    log = (project / "logs/smoke/finetune/joint.log").read_text()
+    assert "resuming from" in log and "checkpoint-3" in log
+    assert _digests(project) == _digests(reference)
+
+
+def test_two_sampling_processes_on_one_shard_leave_whole_images_and_manifest(smoke_run):
+    from PIL import Image
+
+    project, _ = smoke_run
+    images = project / "concurrent" / "shard-0"
+    argv = ["sepen", "sample", "--config", "config/test/smoke.yaml"]
+    argv += ["--plan", "results/smoke/prompts.json", "--method", "base", "--shard", "0"]
+    argv += ["--shards", "2", "--images-dir", str(images)]
+    procs = [
+        subprocess.Popen(
+            [*argv, "--out", str(images) + f"-{k}.json"],
+            cwd=project,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k in range(2)
+    ]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0], [p.stderr.read() for p in procs]
+    manifests = [json.loads(Path(f"{images}-{k}.json").read_text()) for k in range(2)]
+    assert manifests[0]["images"] == manifests[1]["images"]
+    for im in manifests[0]["images"]:
+        with Image.open(im["path"]) as picture:
+            picture.load()  # whole, decodable
+    leftovers = [p for p in images.rglob(".*") if p.name not in (".settings", ".lock")]
+    assert not leftovers
 
 
 @pytest.mark.slow

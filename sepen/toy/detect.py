@@ -9,6 +9,7 @@ into one blob, or an object drawn with another concept's shape, do not count.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -65,6 +66,38 @@ def best_shape(region: np.ndarray) -> tuple[str, float]:
     return shape, fits[shape]
 
 
+@dataclass(frozen=True)
+class Region:
+    """One connected region of a concept's colour: its mask, and whether it counts."""
+
+    concept: str
+    mask: np.ndarray
+    area: int
+    shape: str | None  # best-fitting shape (None below min_area: not fitted)
+    iou: float
+    counts: bool  # big enough and best fitted by the concept's own shape
+
+
+def regions(
+    image: np.ndarray, min_area: int = 8, min_iou: float = 0.6, max_distance: float = 110.0
+) -> list[Region]:
+    """Every connected region of a concept colour in an (h, w, 3) uint8 image."""
+    labels = color_labels(image, max_distance)
+    out = []
+    for k, name in enumerate(CONCEPTS):
+        found, n = ndimage.label(labels == k)
+        for i in range(1, n + 1):
+            mask = found == i
+            area = int(mask.sum())
+            if area < min_area:
+                out.append(Region(name, mask, area, None, 0.0, False))
+                continue
+            shape, iou = best_shape(mask)
+            ok = shape == CONCEPTS[name].shape and iou >= min_iou
+            out.append(Region(name, mask, area, shape, iou, ok))
+    return out
+
+
 def detect(
     image: np.ndarray, min_area: int = 8, min_iou: float = 0.6, max_distance: float = 110.0
 ) -> dict[str, int]:
@@ -73,18 +106,65 @@ def detect(
     A region of a concept's colour counts when the concept's shape fits it best of all shapes,
     with IoU >= min_iou.
     """
-    labels = color_labels(image, max_distance)
+    return counts_of(regions(image, min_area, min_iou, max_distance))
+
+
+def counts_of(found: Sequence[Region]) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for k, name in enumerate(CONCEPTS):
-        regions, n = ndimage.label(labels == k)
-        for i in range(1, n + 1):
-            region = regions == i
-            if region.sum() < min_area:
-                continue
-            shape, iou = best_shape(region)
-            if shape == CONCEPTS[name].shape and iou >= min_iou:
-                counts[name] = counts.get(name, 0) + 1
+    for r in found:
+        if r.counts:
+            counts[r.concept] = counts.get(r.concept, 0) + 1
     return counts
+
+
+# Why a named object is not found (the failure taxonomy), in order of precedence.
+FAILURES = ("missing", "too_small", "merged", "wrong_shape")
+
+
+def _touches(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two masks share a pixel or are 8-neighbours."""
+    return bool((ndimage.binary_dilation(a, structure=np.ones((3, 3), bool)) & b).any())
+
+
+def object_outcome(concept: str, named: Sequence[str], found: Sequence[Region]) -> str:
+    """'found', or why the named `concept` is not: the failure taxonomy.
+
+    missing - no pixel region of its colour; too_small - only regions under min_area;
+    merged - two named concepts mixed into one object: its biggest region touches a region of
+    another named concept's colour (one blob), or has another named concept's shape (its colour
+    on the partner's outline); wrong_shape - a free-standing region of its colour with an
+    outline of no named concept.
+    """
+    own = [r for r in found if r.concept == concept]
+    if any(r.counts for r in own):
+        return "found"
+    if not own:
+        return "missing"
+    if all(r.shape is None for r in own):
+        return "too_small"
+    biggest = max((r for r in own if r.shape is not None), key=lambda r: r.area)
+    partners = [c for c in named if c != concept]
+    if biggest.shape in {CONCEPTS[c].shape for c in partners}:
+        return "merged"
+    others = [r for r in found if r.concept in partners]
+    if any(_touches(biggest.mask, r.mask) for r in others):
+        return "merged"
+    return "wrong_shape"
+
+
+def score_regions(found: Sequence[Region], named: Sequence[str]) -> dict[str, float]:
+    """Per-image outcomes with the taxonomy of its failures.
+
+    success, hit_rate, spurious, exact_count as `score_image`; for each failure kind of
+    `FAILURES`, `fail_<kind>` is 1 when some named object fails that way; `fail_spurious` is
+    `spurious` of a failing image (the detector found an unnamed concept).
+    """
+    scores = score_image(counts_of(found), named)
+    outcomes = [object_outcome(c, named, found) for c in named]
+    for kind in FAILURES:
+        scores[f"fail_{kind}"] = float(kind in outcomes)
+    scores["fail_spurious"] = float(scores["spurious"] and not scores["success"])
+    return scores
 
 
 def score_image(counts: dict[str, int], named: Sequence[str]) -> dict[str, float]:

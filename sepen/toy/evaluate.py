@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from sepen.sampling import sample
 from sepen.stats import bootstrap_ci
-from sepen.toy.detect import detect, score_image
+from sepen.toy.detect import regions, score_regions
 
 
 def generate(
@@ -22,13 +21,17 @@ def generate(
     desc: str | None = None,
 ) -> np.ndarray:
     """uint8 images (n, h, w, 3), image i from prompt i with its own seeded generator."""
-    images = sample(pipe, prompts, seeds, steps, guidance, batch_size, "np", desc)
+    return to_uint8(sample(pipe, prompts, seeds, steps, guidance, batch_size, "np", desc))
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Images in [0, 1] as uint8, rounded as PNG files store them."""
     return np.clip(np.round(images * 255), 0, 255).astype(np.uint8)
 
 
 def image_scores(images: np.ndarray, named: Sequence[Sequence[str]]) -> list[dict[str, float]]:
-    """Per-image outcomes (success, hit_rate, spurious, exact_count) from the exact detector."""
-    return [score_image(detect(im), names) for im, names in zip(images, named)]
+    """Per-image outcomes and failure taxonomy from the exact detector (`score_regions`)."""
+    return [score_regions(regions(im), names) for im, names in zip(images, named)]
 
 
 def rates(rows: list[dict[str, float]]) -> dict[str, dict]:
@@ -39,72 +42,6 @@ def rates(rows: list[dict[str, float]]) -> dict[str, dict]:
 def score(images: np.ndarray, named: Sequence[Sequence[str]]) -> dict[str, dict]:
     """Rates with bootstrap 95% CIs over images: success, hit_rate, spurious, exact_count."""
     return rates(image_scores(images, named))
-
-
-def _cell_fractions(mask: np.ndarray, side: int) -> np.ndarray:
-    """Fraction of each cell of a side x side grid covered by a boolean image mask."""
-    f = mask.shape[0] // side
-    return mask.reshape(side, f, side, f).mean((1, 3))
-
-
-def attention_share(
-    pipe,
-    named_pairs,
-    n_scenes: int = 16,
-    timesteps=(200, 500, 800),
-    resolutions=(16,),
-    seed: int = 0,
-    radius=(5.0, 8.0),
-) -> dict[str, float]:
-    """The premise check: how much of an object token's attention falls on its own object.
-
-    Rendered two-object scenes (known masks) are encoded, noised at `timesteps` and denoised
-    once with their prompt; each object token's map (heads averaged, normalised to sum 1) is
-    compared with the objects' masks. Returns the mean share on the token's own object and on
-    the other object.
-    """
-    from sepen.attention import install_capture
-    from sepen.tokens import concept_token_positions, prompt_ids
-    from sepen.toy.world import CONCEPTS, place, render, shape_mask
-
-    unet, vae, tok = pipe.unet, pipe.vae, pipe.tokenizer
-    latent_side = unet.config.sample_size
-    store = install_capture(unet, list(resolutions), latent_side)
-    scheduler = pipe.scheduler
-    rng = np.random.default_rng(seed)
-    g = torch.Generator().manual_seed(seed)
-    own, other = [], []
-    for k in range(n_scenes):
-        pair = list(named_pairs[k % len(named_pairs)])
-        objects = place(rng, pair, radius=tuple(radius))
-        image = render(objects)
-        prompt = f"a photo of a {pair[0]} and a {pair[1]}"
-        positions = concept_token_positions(tok, prompt, pair)
-        ids = prompt_ids(tok, [prompt])
-        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
-        with torch.no_grad():
-            emb = pipe.text_encoder(ids)[0]
-            z0 = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
-            for t in timesteps:
-                noise = torch.randn(z0.shape, generator=g)
-                tt = torch.tensor([t])
-                store.reset()
-                unet(scheduler.add_noise(z0, noise, tt), tt, emb)
-                maps = store.aggregate()[0].mean(0)  # (h, w, T)
-                side = maps.shape[0]
-                masks = [
-                    _cell_fractions(
-                        shape_mask(CONCEPTS[o.concept].shape, o.cx, o.cy, o.r, image.shape[0]), side
-                    )
-                    for o in objects
-                ]
-                for i in range(2):
-                    m = maps[..., positions[i]].mean(-1).numpy()
-                    m = m / m.sum()
-                    own.append(float((m * masks[i]).sum()))
-                    other.append(float((m * masks[1 - i]).sum()))
-    store.enabled = False
-    return {"own": float(np.mean(own)), "other": float(np.mean(other)), "n": len(own)}
 
 
 def prompt_kinds(toy: dict) -> dict[str, list[list[str]]]:
@@ -165,12 +102,7 @@ def compare(rows: dict[str, dict[str, list]]) -> dict:
 
 
 def evaluate(
-    config: dict,
-    model: str,
-    delta: str | None,
-    n_images: int,
-    seed: int = 0,
-    premise_scenes: int = 16,
+    config: dict, model: str, delta: str | None, n_images: int, seed: int = 0
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """Base (and SepEn) rates on single objects, trained pairs and held-out pairs.
 
@@ -179,7 +111,7 @@ def evaluate(
     """
     from sepen.delta import apply_delta
     from sepen.models import load_pipeline
-    from sepen.toy.pretrain import prepare_world
+    from sepen.toy.world import prepare_world
 
     toy = prepare_world(config)
     methods = {"base": load_pipeline(model)}
@@ -192,18 +124,7 @@ def evaluate(
         rows[method], ims = sample_and_score(pipe, named, config["sampling"], seed)
         images.update({f"{method}/{kind}": v for kind, v in ims.items()})
     metrics: dict = {"n_images": n_images, "methods": list(methods), "kinds": compare(rows)}
-    if premise_scenes:
-        metrics["attention_share"] = {
-            m: premise(p, toy, premise_scenes) for m, p in methods.items()
-        }
     return metrics, images
-
-
-def premise(pipe, toy: dict, scenes: int) -> dict:
-    return {
-        kind: attention_share(pipe, toy[f"_{kind}"], scenes)
-        for kind in ("trained_pairs", "held_out_pairs")
-    }
 
 
 def image_grid(images: dict[str, np.ndarray], per_row: int = 8, scale: int = 4) -> np.ndarray:
@@ -234,7 +155,6 @@ def cli(argv=None) -> int:
     p.add_argument("--delta", help="a SepEn delta to compare with the base model")
     p.add_argument("--images", type=int, default=64, help="images per prompt kind and method")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--premise-scenes", type=int, default=16)
     p.add_argument("--out", type=Path, required=True, help="metrics JSON")
     p.add_argument("--grid", type=Path, help="PNG of sample images (same seeds per method)")
     args = p.parse_args(argv)
@@ -243,9 +163,7 @@ def cli(argv=None) -> int:
         if args.images < 1:
             raise SepenError(f"--images {args.images} must be at least 1")
         config = load_config(args.config, args.set)
-        metrics, images = evaluate(
-            config, args.model, args.delta, args.images, args.seed, args.premise_scenes
-        )
+        metrics, images = evaluate(config, args.model, args.delta, args.images, args.seed)
     except SepenError as err:
         print(f"sepen toy evaluate: error: {err}", file=sys.stderr)
         return 2

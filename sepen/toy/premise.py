@@ -1,50 +1,211 @@
-"""`sepen toy premise`: the premise check before and after SepEn.
+"""`sepen toy premise`: does each object token attend to its own object, and does SepEn's
+loss on the base model's maps predict which images fail?
 
-The share of each object token's attention mass that falls on its own object (and on the other
-object) in rendered two-object scenes with known masks, for the base model and with a delta.
+Measured on the model's own samples, as a person would look at them: every multi-object prompt
+of the plan is sampled with its seeds while the cross-attention maps of its concept tokens are
+averaged over the denoising steps (`sepen.sampling.sample_with_maps`); the exact detector then
+finds the objects in the generated image, and each found object's mask splits its token's map
+into own-object, other-object and background shares. The same per-image maps give SepEn's
+separate and enhance values; their ROC AUC against the detector's failures (with a bootstrap
+CI) tests the method's premise: that the maps' overlap and weakness are what make images fail.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from sepen.atomic import write_json
 from sepen.command import run_step, step_parser
 from sepen.config import load_config
 from sepen.errors import SepenError
 
+VALUES = ("separate", "enhance", "total")
 
-def premise_check(config: dict, model: str, delta: str | None, scenes: int) -> dict:
-    from sepen.delta import apply_delta
-    from sepen.models import load_pipeline
-    from sepen.toy.evaluate import premise
-    from sepen.toy.pretrain import prepare_world
 
-    toy = prepare_world(config)
-    pipe = load_pipeline(model)
-    out = {"scenes": scenes, "base": premise(pipe, toy, scenes)}
-    if delta:
-        pipe = load_pipeline(model)
-        apply_delta(pipe, delta)
-        out["sepen"] = premise(pipe, toy, scenes)
+def cell_fractions(mask: np.ndarray, side: int) -> np.ndarray:
+    """Fraction of each cell of a side x side grid covered by a boolean image mask."""
+    f = mask.shape[0] // side
+    return mask.reshape(side, f, side, f).mean((1, 3))
+
+
+def object_masks(found, named: Sequence[str]) -> list[np.ndarray | None]:
+    """Per named concept, the union of its detected objects' masks (None when not found)."""
+    out = []
+    for concept in named:
+        masks = [r.mask for r in found if r.concept == concept and r.counts]
+        out.append(np.logical_or.reduce(masks) if masks else None)
     return out
+
+
+def attention_shares(maps: np.ndarray, masks: Sequence[np.ndarray | None]) -> list[dict | None]:
+    """Where each concept's attention goes, for the concepts whose object was found.
+
+    maps: (N, h, w) attention of the N concepts' tokens (any scale); masks: per concept an
+    image-sized boolean mask or None. Each map is normalised to sum 1 and split into the share
+    on its own object, on the other named objects and on the rest (background). `area` is the
+    own object's share of the image, the own share a uniform map would get.
+    """
+    side = maps.shape[-1]
+    fractions = [None if m is None else cell_fractions(m, side) for m in masks]
+    out: list[dict | None] = []
+    for i, own in enumerate(fractions):
+        if own is None:
+            out.append(None)
+            continue
+        m = maps[i] / maps[i].sum()
+        others = [f for j, f in enumerate(fractions) if j != i and f is not None]
+        other = np.clip(sum(others), 0, 1) if others else np.zeros_like(own)
+        own_share = float((m * own).sum())
+        other_share = float((m * np.clip(other - own, 0, 1)).sum())
+        out.append(
+            {
+                "own": own_share,
+                "other": other_share,
+                "background": 1.0 - own_share - other_share,
+                "area": float(own.mean()),
+            }
+        )
+    return out
+
+
+def loss_values(maps: np.ndarray, kernel: str = "authors") -> dict[str, float]:
+    """SepEn's separate and enhance values (and separate + enhance / 2) of one image's maps."""
+    import torch
+
+    from sepen.losses import enhance_loss, separate_loss
+
+    t = torch.as_tensor(np.asarray(maps, dtype=np.float32))[None, :, None]  # (1, N, 1, h, w)
+    sep = float(separate_loss(t))
+    enh = float(enhance_loss(t, kernel=kernel))
+    return {"separate": sep, "enhance": enh, "total": sep + 0.5 * enh}
+
+
+def image_record(image: np.ndarray, maps: np.ndarray, named: Sequence[str], kernel: str) -> dict:
+    """Detector outcome, attention shares and loss values of one generated image."""
+    from sepen.toy.detect import regions, score_regions
+
+    found = regions(image)
+    return {
+        "success": score_regions(found, named)["success"],
+        "shares": attention_shares(maps, object_masks(found, named)),
+        **loss_values(maps, kernel),
+    }
+
+
+def summarise(records: Sequence[dict], n_boot: int = 2000) -> dict:
+    """Mean shares with bootstrap CIs over found objects, and the AUC of each loss value
+    for predicting failure (1 - success) over images (None when every image fails or passes)."""
+    from sepen.stats import auc_ci, bootstrap_ci
+
+    shares = [s for r in records for s in r["shares"] if s is not None]
+    out: dict = {"images": len(records), "objects_found": len(shares)}
+    for key in ("own", "other", "background", "area"):
+        out[key] = bootstrap_ci([s[key] for s in shares], n_boot=n_boot) if shares else None
+    failed = [1.0 - r["success"] for r in records]
+    out["failures"] = int(sum(failed))
+    both = 0 < sum(failed) < len(failed)
+    out["auc"] = {
+        v: (auc_ci([r[v] for r in records], failed, n_boot=n_boot) if both else None)
+        for v in VALUES
+    }
+    return out
+
+
+def measure(pipe, plan: dict, prompt_ids: Sequence[str], seeds, config: dict) -> list[dict]:
+    """One record per (prompt, seed): sample with the maps, detect, measure."""
+    from sepen.sampling import sample_with_maps
+    from sepen.tokens import concept_token_positions
+    from sepen.toy.evaluate import to_uint8
+
+    sp, ft = config["sampling"], config["finetune"]
+    items = [(pid, s) for pid in prompt_ids for s in seeds]
+    prompts = [plan["prompts"][pid]["prompt"] for pid, _ in items]
+    named = [plan["prompts"][pid]["concepts"] for pid, _ in items]
+    positions = [concept_token_positions(pipe.tokenizer, p, c) for p, c in zip(prompts, named)]
+    images, maps = sample_with_maps(
+        pipe,
+        prompts,
+        positions,
+        [s for _, s in items],
+        sp["steps"],
+        sp["guidance_scale"],
+        ft["resolutions"],
+        sp["batch_size"],
+        ft["token_aggregation"],
+        desc="premise",
+    )
+    return [
+        {"prompt_id": pid, "seed": s, **image_record(im, m, c, ft["enhance_kernel"])}
+        for (pid, s), im, m, c in zip(items, to_uint8(images), maps, named)
+    ]
+
+
+def premise_check(config: dict, plan: dict, model: str, model_dir: Path | None) -> dict:
+    """Per method (base, and sepen with each prompt's delta) and pair set: the summary."""
+    from sepen.models import load_pipeline
+    from sepen.sample import DeltaSwitcher
+
+    n = config["toy"]["premise_images"]
+    seeds = plan["seeds"][:n]
+    sets = {
+        name: ids
+        for name, ids in plan["sets"].items()
+        if ids and all(len(plan["prompts"][p]["concepts"]) > 1 for p in ids)
+    }
+    pipe = load_pipeline(model)
+    switcher = DeltaSwitcher(pipe)
+    methods = ["base"] + (["sepen"] if model_dir is not None else [])
+    n_boot = config["evaluation"]["bootstrap"]
+    out: dict = {"images_per_prompt": len(seeds), "methods": {}}
+    for method in methods:
+        by_set = {}
+        for name, ids in sets.items():
+            records = []
+            for delta, group in _by_delta(plan, method, ids, model_dir).items():
+                switcher.use(delta)
+                records += measure(pipe, plan, group, seeds, config)
+            by_set[name] = summarise(records, n_boot)
+        out["methods"][method] = by_set
+    switcher.use(None)
+    return out
+
+
+def _by_delta(plan, method, ids, model_dir) -> dict:
+    from sepen.sample import delta_for
+
+    groups: dict = {}
+    for pid in ids:
+        groups.setdefault(delta_for(plan, method, pid, model_dir), []).append(pid)
+    return groups
 
 
 def cli(argv=None) -> int:
     p = step_parser("sepen toy premise", __doc__.split("\n")[0])
+    p.add_argument("--plan", type=Path, required=True, help="prompts.json of `sepen prompts`")
     p.add_argument("--model", help="the toy base model folder (default: model.pretrained)")
-    p.add_argument("--delta", type=Path, help="a SepEn delta of that model")
+    p.add_argument("--model-dir", type=Path, help="folder of the SepEn deltas (the plan's models)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
 
     def body():
+        from sepen.plan import read_plan
+
         config = load_config(args.config, args.set)
-        scenes = config["toy"]["premise_scenes"]
-        if scenes < 1:
-            raise SepenError("toy.premise_scenes is 0: set it to 1 or more to run the check")
-        if args.delta is not None and not args.delta.is_file():
-            raise SepenError(f"delta {str(args.delta)!r} does not exist: run `sepen finetune`")
+        if config["toy"]["premise_images"] < 1:
+            raise SepenError("toy.premise_images is 0: set it to 1 or more to run the check")
+        plan = read_plan(args.plan)
+        if args.model_dir is not None:
+            missing = sorted(
+                str(args.model_dir / f"{m}.safetensors")
+                for m in plan["models"]
+                if not (args.model_dir / f"{m}.safetensors").is_file()
+            )
+            if missing:
+                raise SepenError(f"deltas missing: {missing[:3]}: run `sepen finetune` for them")
         model = args.model or config["model"]["pretrained"]
-        write_json(args.out, premise_check(config, model, args.delta, scenes))
+        write_json(args.out, premise_check(config, plan, model, args.model_dir))
 
     return run_step("sepen toy premise", body)

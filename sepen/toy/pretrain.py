@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from sepen.command import run_step, step_parser
 from sepen.config import load_config
-from sepen.tokens import prompt_ids
+from sepen.tokens import concept_token_positions, prompt_ids
 from sepen.toy.model import build_toy_pipeline
 from sepen.toy.world import prepare_world, prompt_for, scene_batch
 
@@ -71,6 +71,42 @@ def train_vae(vae, rng, toy: dict, steps: int, batch: int, progress: bool) -> fl
     return recon
 
 
+def grounding_labels(layouts, positions, side: int, size: int) -> torch.Tensor:
+    """Which text token each cell of a side x side attention grid should attend to.
+
+    A cell at least half covered by a named object gets that object's token position; a cell no
+    object touches gets 0, the start token (the attention sink of Stable Diffusion's
+    background); partly covered cells get -1 (ignored). `positions[b]` are the token positions
+    of image b's objects in layout order (an empty list for an empty prompt: every cell 0).
+    """
+    from sepen.toy.premise import cell_fractions
+    from sepen.toy.world import CONCEPTS, shape_mask
+
+    labels = torch.zeros((len(layouts), side, side), dtype=torch.long)
+    for b, (objects, pos) in enumerate(zip(layouts, positions)):
+        covered = np.zeros((side, side))
+        for k, obj in enumerate(objects):
+            mask = shape_mask(CONCEPTS[obj.concept].shape, obj.cx, obj.cy, obj.r, size)
+            frac = cell_fractions(mask, side)
+            covered = np.maximum(covered, frac)
+            if pos:
+                labels[b][torch.from_numpy(frac >= 0.5)] = int(pos[k][0])
+        partial = (covered > 0) & ((covered < 0.5) | (not pos))
+        labels[b][torch.from_numpy(partial)] = -1
+    return labels
+
+
+def grounding_loss(maps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean -log attention on the labelled token over the labelled cells.
+
+    maps: (B, h, w, T) attention probabilities (heads and layers averaged); labels: (B, h, w)
+    token positions, -1 ignored.
+    """
+    keep = labels >= 0
+    picked = maps[keep].gather(-1, labels[keep][:, None]).squeeze(-1)
+    return -(picked.clamp_min(1e-8).log()).mean()
+
+
 def train_denoiser(pipe, rng, toy: dict, pre: dict, progress: bool) -> list[float]:
     unet, text_encoder, tokenizer, vae = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae
     scheduler = pipe.scheduler
@@ -89,8 +125,14 @@ def train_denoiser(pipe, rng, toy: dict, pre: dict, progress: bool) -> list[floa
     losses = []
     bar = _progress(steps, "pretrain", progress)
     g = torch.Generator().manual_seed(pre["seed"])
+    store, weight = None, pre["grounding"]
+    if weight > 0:  # attention grounding (TokenCompose-style): each object's cells attend its token
+        from sepen.attention import install_capture
+
+        side = unet.config.sample_size
+        store = install_capture(unet, pre["grounding_resolutions"], side, detach_start_token=False)
     for step in bar:
-        images, prompts, _ = scene_batch(
+        images, prompts, named, layouts = scene_batch(
             rng,
             pre["batch_size"],
             toy["concepts"],
@@ -111,8 +153,18 @@ def train_denoiser(pipe, rng, toy: dict, pre: dict, progress: bool) -> list[floa
             else noise
         )
         ids = prompt_ids(tokenizer, prompts)
+        if store is not None:
+            store.reset()
         pred = unet(noisy, t, text_encoder(ids)[0]).sample
         loss = F.mse_loss(pred, target)
+        if store is not None:
+            positions = [
+                [] if not p else concept_token_positions(tokenizer, p, c)
+                for p, c in zip(prompts, named)
+            ]
+            maps = store.aggregate().mean(1)  # (B, h, w, T)
+            labels = grounding_labels(layouts, positions, maps.shape[1], images.shape[1])
+            loss = loss + weight * grounding_loss(maps, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -123,6 +175,10 @@ def train_denoiser(pipe, rng, toy: dict, pre: dict, progress: bool) -> list[floa
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
             if not progress:
                 log.info("step %d loss %.4f", step + 1, np.mean(losses[-50:]))
+    if store is not None:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
     return losses

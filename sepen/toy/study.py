@@ -1,9 +1,13 @@
 """`sepen toy study`: base model vs SepEn over a grid of settings, on the toy world.
 
-Each cell finetunes a delta (`sepen finetune` in a subprocess, settings as `--set` overrides),
-samples the same prompts with the same seeds as the base model, and is scored by the exact
-detector; differences to the base model are paired, with bootstrap 95% CIs. Writes
-`study.json` and a Markdown table `study.md`; finished deltas are reused on a re-run.
+Each cell is a set of config overrides (per-pair or joint finetuning, learning rate, steps,
+norm loss, training signal, ...). For every finetuning seed of `toy.study.seeds` the cell's plan
+is built as the workflow builds it (`sepen.plan`: one model per pair prompt, or one joint
+model), each of its models is finetuned (`sepen finetune --plan --model-id` in a subprocess),
+and every prompt of the evaluated sets is sampled with its own delta and the same seeds as the
+base model, then scored by the exact detector. Differences to the base model are paired, with
+bootstrap 95% CIs per finetuning seed; the spread over seeds is shown beside their mean.
+Writes `study.json` and a Markdown table `study.md`; finished deltas are reused on a re-run.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from sepen.atomic import write_json, write_text
@@ -49,93 +54,192 @@ def overrides(cell: dict) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in cell.get("set", {}).items()]
 
 
-def finetune_cell(config_path: Path, cell: dict, folder: Path) -> Path:
-    delta = folder / "delta.safetensors"
+def finetune_model(
+    config_path: Path, argv_set: list[str], plan_path: Path, model_id: str, folder: Path
+) -> Path:
+    """One model of a cell's plan (reused when its delta exists)."""
+    delta = folder / f"{model_id}.safetensors"
     if delta.is_file():
-        log.info("cell %s: reusing %s", cell["name"], delta)
         return delta
     folder.mkdir(parents=True, exist_ok=True)
-    argv = [
-        sys.executable,
-        "-m",
-        "sepen",
-        "finetune",
-        "--config",
-        str(config_path),
-        "--cpu",
-        "--out",
-        str(delta),
-    ]
-    for o in overrides(cell):
+    argv = [sys.executable, "-m", "sepen", "finetune", "--config", str(config_path), "--cpu"]
+    for o in argv_set:
         argv += ["--set", o]
-    log.info("cell %s: finetuning (%s)", cell["name"], " ".join(overrides(cell)) or "defaults")
-    with open(folder / "finetune.log", "w") as logfile:
+    argv += ["--plan", str(plan_path), "--model-id", model_id, "--out", str(delta)]
+    with open(folder / f"{model_id}.log", "w") as logfile:
         subprocess.run(argv, stdout=logfile, stderr=subprocess.STDOUT, check=True)
     return delta
 
 
-def markdown_table(results: dict, cells: list[dict], shares: dict) -> str:
-    def ci(d):
-        return f"{d['mean']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]"
+def cell_plan(base_plan: dict, cell_config: dict) -> dict:
+    """The plan of one study cell over the study's prompts and seeds.
 
-    def diff(kind, m):
-        return "" if m == "base" else ci(kind[f"{m}_minus_base"]["success"])
+    A per-pair cell has its own plan, which must evaluate the same prompts; a joint cell draws
+    every prompt of the study's plan (per-pair model singles included) with its one model.
+    """
+    import copy
 
-    head = (
-        "| cell | settings | held-out pairs | change vs base | trained pairs | "
-        "change vs base | single objects | change vs base | own-object attention |"
-    )
-    lines = [head, "|" + "---|" * 9]
-    held, trained, single = (results[k] for k in ("held_out_pairs", "trained_pairs", "single"))
-    rows = [{"name": "base", "set": {}}] + cells
-    for cell in rows:
-        m = cell["name"]
-        own = shares[m]["held_out_pairs"]["own"]
-        settings = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in cell.get("set", {}).items())
-        lines.append(
-            f"| {m} | {settings or '-'} | {ci(held[m]['success'])} | {diff(held, m)} | "
-            f"{ci(trained[m]['success'])} | {diff(trained, m)} | {ci(single[m]['success'])} | "
-            f"{diff(single, m)} | {own:.3f} |"
+    from sepen.plan import build_plan
+
+    plan = build_plan(cell_config)
+    if plan["seeds"] != base_plan["seeds"]:
+        raise ConfigError("a study cell changes the evaluated seeds: cells may change finetuning")
+    if cell_config["finetune"]["mode"] == "joint":
+        out = copy.deepcopy(base_plan)
+        out["models"] = plan["models"]
+        for entry in out["prompts"].values():
+            entry["model"] = "joint"
+        return out
+    if plan["order"] != base_plan["order"]:
+        raise ConfigError(
+            "a study cell changes the evaluated prompts or seeds: cells may change "
+            "finetuning, not evaluation"
         )
-    return "\n".join(lines) + "\n"
+    return plan
+
+
+def sample_plan(pipe, plan: dict, model_dir: Path | None, sampling: dict) -> dict[str, list]:
+    """Per prompt set, the exact detector's rows of every (prompt, seed) in plan order; each
+    prompt sampled with its own delta from `model_dir` (None: the base model)."""
+    from sepen.sample import DeltaSwitcher, delta_for
+    from sepen.toy.evaluate import generate, image_scores
+
+    switcher = DeltaSwitcher(pipe)
+    method = "base" if model_dir is None else "sepen"
+    rows: dict[str, dict] = {}
+    groups: dict = {}
+    for pid in plan["order"]:
+        groups.setdefault(delta_for(plan, method, pid, model_dir), []).append(pid)
+    for delta, ids in groups.items():
+        switcher.use(delta)
+        items = [(pid, s) for pid in ids for s in plan["seeds"]]
+        entries = [plan["prompts"][pid] for pid, _ in items]
+        images = generate(
+            pipe,
+            [e["prompt"] for e in entries],
+            [s for _, s in items],
+            sampling["steps"],
+            sampling["guidance_scale"],
+            sampling["batch_size"],
+        )
+        for item, row in zip(items, image_scores(images, [e["concepts"] for e in entries])):
+            rows[item] = row
+    switcher.use(None)
+    return {
+        name: [rows[(pid, s)] for pid in ids for s in plan["seeds"]]
+        for name, ids in plan["sets"].items()
+    }
+
+
+def summarise_cell(runs: dict[int, dict], base: dict, n_boot: int) -> dict:
+    """Per set: each finetuning seed's rates and paired differences to base, and across
+    seeds the mean difference with its spread (min, max)."""
+    from sepen.stats import bootstrap_ci, paired_difference
+
+    out = {}
+    for name, base_rows in base.items():
+        per_seed = {}
+        for seed, rows in runs.items():
+            entry = {
+                k: bootstrap_ci([r[k] for r in rows[name]], n_boot=n_boot) for k in rows[name][0]
+            }
+            entry["minus_base"] = {
+                k: paired_difference(
+                    [r[k] for r in rows[name]], [r[k] for r in base_rows], n_boot=n_boot
+                )
+                for k in rows[name][0]
+            }
+            per_seed[str(seed)] = entry
+        diffs = [v["minus_base"]["success"]["mean"] for v in per_seed.values()]
+        out[name] = {
+            "seeds": per_seed,
+            "success_change": {
+                "mean": float(np.mean(diffs)),
+                "min": float(np.min(diffs)),
+                "max": float(np.max(diffs)),
+                "n_seeds": len(diffs),
+            },
+        }
+    return out
 
 
 def run_study(
     config_path: Path,
     grid: Path,
     out_dir: Path,
-    n_images: int,
-    seed: int = 0,
-    premise_scenes: int = 16,
     overrides_: list[str] | None = None,
 ) -> dict:
-    from sepen.delta import apply_delta
     from sepen.models import load_pipeline
-    from sepen.toy.evaluate import compare, evaluation_prompts, premise, sample_and_score
-    from sepen.toy.pretrain import prepare_world
+    from sepen.plan import build_plan
+    from sepen.stats import bootstrap_ci
 
     config = load_config(config_path, overrides_)
     cells = read_grid(grid)
-    for cell in cells:  # validate every cell's settings before any work
-        load_config(config_path, list(overrides_ or []) + overrides(cell))
-    toy = prepare_world(config)
-    model = config["model"]["pretrained"]
-    named = evaluation_prompts(toy, n_images, seed)
-    base = load_pipeline(model)
-    rows = {"base": sample_and_score(base, named, config["sampling"], seed)[0]}
-    shares = {"base": premise(base, toy, premise_scenes)}
-    for cell in cells:
-        delta = finetune_cell(config_path, cell, out_dir / cell["name"])
-        pipe = load_pipeline(model)
-        apply_delta(pipe, delta)
-        rows[cell["name"]] = sample_and_score(pipe, named, config["sampling"], seed)[0]
-        shares[cell["name"]] = premise(pipe, toy, premise_scenes)
-        log.info("cell %s done", cell["name"])
-    results = compare(rows)
-    study = {"n_images": n_images, "cells": cells, "results": results, "attention_share": shares}
+    seeds = config["toy"]["study"]["seeds"]
+    base_plan = build_plan(config)
+    runs = []
+    for cell in cells:  # every cell's settings and plan are checked before any work
+        for seed in seeds:
+            argv_set = list(overrides_ or []) + overrides(cell) + [f"finetune.seed={seed}"]
+            cell_config = load_config(config_path, argv_set)
+            try:
+                plan = cell_plan(base_plan, cell_config)
+            except ConfigError as err:
+                raise ConfigError(f"study cell {cell['name']!r}: {err}") from err
+            runs.append((cell, seed, argv_set, cell_config, plan))
+    n_boot = config["evaluation"]["bootstrap"]
+    pipe = load_pipeline(config["model"]["pretrained"])
+    base = sample_plan(pipe, base_plan, None, config["sampling"])
+    study: dict = {
+        "images_per_prompt": len(base_plan["seeds"]),
+        "seeds": seeds,
+        "cells": cells,
+        "base": {
+            name: {k: bootstrap_ci([r[k] for r in rows], n_boot=n_boot) for k in rows[0]}
+            for name, rows in base.items()
+        },
+        "results": {},
+    }
+    by_cell: dict[str, dict] = {}
+    for cell, seed, argv_set, cell_config, plan in runs:
+        folder = out_dir / cell["name"] / f"seed-{seed}"
+        plan_path = write_json(folder / "prompts.json", plan)
+        for model_id in plan["models"]:
+            finetune_model(config_path, argv_set, plan_path, model_id, folder)
+        by_cell.setdefault(cell["name"], {})[seed] = sample_plan(
+            pipe, plan, folder, cell_config["sampling"]
+        )
+        log.info("cell %s seed %d done", cell["name"], seed)
+    for name, cell_runs in by_cell.items():
+        study["results"][name] = summarise_cell(cell_runs, base, n_boot)
     write_json(out_dir / "study.json", study)
-    write_text(out_dir / "study.md", markdown_table(results, cells, shares))
+    write_text(out_dir / "study.md", markdown_table(study))
     return study
+
+
+def _ci(d: dict) -> str:
+    return f"{d['mean']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]"
+
+
+def markdown_table(study: dict) -> str:
+    """One row per cell: per evaluated set, the base rate, and per finetuning seed the paired
+    change in success with its CI, then the mean change over seeds with its range."""
+    sets = list(study["base"])
+    head = ["cell", "settings"] + [f"{s}: change per seed [95% CI]; mean (range)" for s in sets]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = ["base", "-"] + [f"success {_ci(study['base'][s]['success'])}" for s in sets]
+    lines.append("| " + " | ".join(base) + " |")
+    for cell in study["cells"]:
+        result = study["results"][cell["name"]]
+        settings = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in cell.get("set", {}).items())
+        row = [cell["name"], settings or "-"]
+        for s in sets:
+            r = result[s]
+            seeds = "; ".join(f"{_ci(v['minus_base']['success'])}" for v in r["seeds"].values())
+            c = r["success_change"]
+            row.append(f"{seeds}; mean {c['mean']:+.3f} ({c['min']:+.3f} to {c['max']:+.3f})")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def cli(argv=None) -> int:
@@ -145,24 +249,13 @@ def cli(argv=None) -> int:
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--grid", type=Path, required=True, help="YAML list of {name, set}")
-    p.add_argument("--images", type=int, default=200, help="images per prompt kind")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--premise-scenes", type=int, default=16)
     p.add_argument("--out-dir", type=Path, required=True)
     args = p.parse_args(argv)
     setup_logging()
     try:
-        study = run_study(
-            args.config,
-            args.grid,
-            args.out_dir,
-            args.images,
-            args.seed,
-            args.premise_scenes,
-            args.set,
-        )
+        study = run_study(args.config, args.grid, args.out_dir, args.set)
     except SepenError as err:
         print(f"sepen toy study: error: {err}", file=sys.stderr)
         return 2
-    print(markdown_table(study["results"], study["cells"], study["attention_share"]))
+    print(markdown_table(study))
     return 0

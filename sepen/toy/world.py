@@ -193,9 +193,10 @@ def scene_batch(
 ):
     """n training scenes: single objects, or (with probability pair_fraction) a trained pair.
 
-    Returns (images uint8 (n, size, size, 3), prompts, named concepts per image).
+    Returns (images uint8 (n, size, size, 3), prompts, named concepts per image, the placed
+    objects per image in the order they are named).
     """
-    images, prompts, named = [], [], []
+    images, prompts, named, layouts = [], [], [], []
     for _ in range(n):
         if pairs and rng.random() < pair_fraction:
             chosen = list(pairs[rng.integers(len(pairs))])
@@ -204,10 +205,11 @@ def scene_batch(
             conjunction = "and" if rng.random() < 0.5 else "with"
         else:
             chosen, conjunction = [concepts[rng.integers(len(concepts))]], "and"
-        images.append(render(place(rng, chosen, size, tuple(radius)), size))
+        layouts.append(place(rng, chosen, size, tuple(radius)))
+        images.append(render(layouts[-1], size))
         prompts.append(prompt_for(chosen, conjunction))
         named.append(chosen)
-    return np.stack(images), prompts, named
+    return np.stack(images), prompts, named, layouts
 
 
 def prepare_world(config: dict) -> dict:

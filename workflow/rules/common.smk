@@ -71,24 +71,23 @@ def metric_files():
 def plan_data():
     """The data files the plan reads."""
     ev = CFG["evaluation"]
-    if ev["prompts"] == "attend_excite":
+    if ev["prompts"] in ("attend_excite", "custom"):
         return [ev["prompt_file"]]
     if ev["prompts"] == "large_scale":
         return [ev["prompt_file"], ev["concept_file"]]
     return []
 
 
-def premise_delta():
-    return (
-        [f"{R}/models/joint.safetensors"]
-        if "joint" in MODELS and "sepen" in METHODS
-        else []
-    )
+def premise_deltas():
+    """The deltas of the premise check: every model of the plan (with the sepen method)."""
+    if "sepen" not in METHODS:
+        return []
+    return [f"{R}/models/{m}.safetensors" for m in MODELS]
 
 
 def table_inputs():
     out = {"metrics": f"{R}/metrics.json"}
-    if TOY and CFG["toy"]["premise_scenes"]:
+    if TOY and CFG["toy"]["premise_images"]:
         out["premise"] = f"{R}/premise.json"
     if TOY:
         out["study"] = (

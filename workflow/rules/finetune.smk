@@ -1,6 +1,6 @@
 # SepEn finetuning: one job per model of the plan (per pair, or one joint model).
-# Checkpoints live in results/<experiment>/models/<model>.state (not an output: a re-run
-# resumes from the last one).
+# Checkpoints live in results/<experiment>/state/<model> (not an output: a re-run resumes from
+# the newest complete one).
 
 
 rule finetune:
@@ -9,7 +9,7 @@ rule finetune:
         plan=f"{R}/prompts.json",
     output:
         delta=f"{R}/models/{{model}}.safetensors",
-        losses=f"{R}/models/{{model}}.losses.csv",
+        losses=f"{R}/losses/{{model}}.csv",
     log:
         f"{LOGS}/finetune/{{model}}.log",
     benchmark:
@@ -25,8 +25,9 @@ rule finetune:
         launch=finetune_launcher,
         config=CONFIG,
         model=MODEL_ARG,
+        state=lambda wildcards: f"{R}/state/{wildcards.model}",
         config_keys=step_params(CFG, "finetune"),
     shell:
         "{params.launch} --config {params.config}{params.model} --plan {input.plan}"
         " --model-id {wildcards.model} --out {output.delta} --losses-out {output.losses}"
-        " --resume latest 2> {log}"
+        " --output-dir {params.state} --resume latest 2> {log}"

@@ -76,8 +76,11 @@ rule aggregate:
         fid=lambda wildcards, input: (
             " --fid " + " ".join(input.fid) if input.fid else ""
         ),
+        metrics_dir=lambda wildcards, input: os.path.join(
+            os.path.dirname(input.plan), "metrics"
+        ),
         config_keys=step_params(CFG, "aggregate"),
     shell:
         "python -m sepen aggregate --config {params.config} --plan {input.plan}"
-        " --metrics {input.metrics}{params.fid} --out {output.full} --dvc-metrics {output.dvc}"
+        " --metrics-dir {params.metrics_dir}{params.fid} --out {output.full} --dvc-metrics {output.dvc}"
         " --table {output.table} 2> {log}"

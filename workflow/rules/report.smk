@@ -51,21 +51,49 @@ rule report_grid:
         runtime=10,
     params:
         config=CONFIG,
+        samples_dir=lambda wildcards, input: os.path.join(
+            os.path.dirname(input.plan), "samples"
+        ),
         config_keys=step_params(CFG, "report_grid"),
     shell:
         "python -m sepen report grid --config {params.config} --plan {input.plan}"
-        " --manifests {input.manifests} --out {output} 2> {log}"
+        " --samples-dir {params.samples_dir} --out {output} 2> {log}"
+
+
+rule report_taxonomy:
+    input:
+        f"{R}/metrics.json",
+    output:
+        report(
+            f"{R}/report/taxonomy.png",
+            caption="../report/taxonomy.rst",
+            category="1. Metrics",
+        ),
+    log:
+        f"{LOGS}/report_taxonomy.log",
+    benchmark:
+        f"{BENCH}/report_taxonomy.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=5,
+    shell:
+        "python -m sepen report taxonomy --metrics {input} --out {output} 2> {log}"
 
 
 rule report_losses:
     input:
-        expand(f"{R}/models/{{model}}.losses.csv", model=MODELS),
+        plan=f"{R}/prompts.json",
+        logs=expand(f"{R}/losses/{{model}}.csv", model=MODELS),
     output:
-        report(
+        figure=report(
             f"{R}/report/losses.png",
             caption="../report/losses.rst",
             category="3. Finetuning",
         ),
+        table=f"{R}/plots/losses.csv",
     log:
         f"{LOGS}/report_losses.log",
     benchmark:
@@ -76,8 +104,13 @@ rule report_losses:
     resources:
         mem_mb=2000,
         runtime=5,
+    params:
+        losses_dir=lambda wildcards, input: os.path.join(
+            os.path.dirname(input.plan), "losses"
+        ),
     shell:
-        "python -m sepen report losses --csv {input} --out {output} 2> {log}"
+        "python -m sepen report losses --plan {input.plan} --losses-dir {params.losses_dir}"
+        " --out {output.figure} --table {output.table} 2> {log}"
 
 
 rule report_attention:

@@ -1,11 +1,13 @@
-# The toy world's premise check (attention on the own object, before and after SepEn) and
+# The toy world's premise check (attention on the detected objects of sampled images, and
+# how well SepEn's values predict failure; base and SepEn) and
 # its SepEn settings study (in the DAG only when toy.study.run is true).
 
 
 rule toy_premise:
     input:
         BASE_INPUT,
-        delta=premise_delta(),
+        plan=f"{R}/prompts.json",
+        deltas=premise_deltas(),
     output:
         f"{R}/premise.json",
     log:
@@ -22,11 +24,13 @@ rule toy_premise:
     params:
         config=CONFIG,
         model=MODEL_ARG,
-        delta=lambda wildcards, input: f" --delta {input.delta}" if input.delta else "",
+        model_dir=lambda wildcards, input: (
+            f" --model-dir {R}/models" if input.deltas else ""
+        ),
         config_keys=step_params(CFG, "toy_premise"),
     shell:
-        "python -m sepen toy premise --config {params.config}{params.model}{params.delta}"
-        " --out {output} 2> {log}"
+        "python -m sepen toy premise --config {params.config}{params.model} --plan {input.plan}"
+        "{params.model_dir} --out {output} 2> {log}"
 
 
 rule toy_study:
@@ -48,9 +52,8 @@ rule toy_study:
         gpu=0,
     params:
         config=CONFIG,
-        images=CFG["toy"]["study"]["images"],
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
         config_keys=step_params(CFG, "toy_study"),
     shell:
         "python -m sepen toy study --config {params.config} --grid {input.grid}"
-        " --images {params.images} --out-dir {params.out_dir} 2> {log}"
+        " --out-dir {params.out_dir} 2> {log}"
