@@ -175,13 +175,19 @@ def same_model(a: str, b: str) -> bool:
     return str(a) == str(b)
 
 
-def check_base_model(path: str | Path, model: str) -> None:
-    """A DeltaError when the delta at `path` was trained on another base model than `model`."""
-    base = read_delta(path)[1].get("base_model", "")
+def check_base_model(
+    path: str | Path, model: str, base: str | None = None, fix: str | None = None
+) -> None:
+    """A DeltaError when the delta at `path` was trained on another base model than `model`.
+
+    `base` is the delta's recorded base model when already read; `fix` the advice to give.
+    """
+    if base is None:
+        base = read_delta(path)[1].get("base_model", "")
     if not same_model(base, model):
         raise DeltaError(
             f"delta {str(path)!r} was trained on base model {base!r}, not on {model!r}: "
-            f"sample it with --model {base} (or finetune it again on {model!r})"
+            + (fix or f"sample it with --model {base} (or finetune it again on {model!r})")
         )
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sepen.attention import install_capture
+from sepen.attention import captured_layers, install_capture
 from sepen.config import load_config
 from sepen.errors import SepenError
 from sepen.objective import SepenObjective, StepInputs
@@ -501,6 +501,11 @@ class Training:
     originals: dict | None
 
 
+def latent_side(pipe, image_size: int) -> int:
+    """Side of the latents of an `image_size` image (the VAE's downsampling factor)."""
+    return image_size // pipe.vae_scale_factor
+
+
 def prepare(config: dict, ft: dict, pipe, accelerator) -> Training:
     """Trainable keys, the capture, the training signal (and its base-sample pool)."""
     from diffusers import DDPMScheduler
@@ -509,9 +514,8 @@ def prepare(config: dict, ft: dict, pipe, accelerator) -> Training:
 
     device = accelerator.device
     text_encoder, unet = pipe.text_encoder, pipe.unet
-    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    latent_side = ft["image_size"] // vae_factor
-    store = install_capture(unet, ft["resolutions"], latent_side)
+    side = latent_side(pipe, ft["image_size"])
+    store = install_capture(unet, ft["resolutions"], side)
     layers = trainable_layers(unet, store.captured, ft["_norm_loss"])
     torch.manual_seed(ft["seed"])  # LoRA initialisation
     values = value_layers(unet, store.captured, ft["_norm_loss"])
@@ -519,7 +523,7 @@ def prepare(config: dict, ft: dict, pipe, accelerator) -> Training:
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     sampler = SignalSampler(
         ft,
-        (unet.config.in_channels, latent_side, latent_side),
+        (unet.config.in_channels, side, side),
         noise_scheduler.config.num_train_timesteps,
         pipe.vae.config.scaling_factor,
         accelerator.num_processes,
@@ -614,7 +618,7 @@ def diverged(step: int, parts: dict, ft: dict, lr: float, what: str) -> SepenErr
     )
 
 
-def train(args, config, ft, accelerator, t: Training, objective, optimizer, lr, start_step):
+def train(args, ft, accelerator, t: Training, objective, optimizer, lr, start_step):
     """The optimisation loop; returns False when stopped early by --stop-after."""
     device = accelerator.device
     output_dir = Path(accelerator.project_configuration.project_dir)
@@ -653,7 +657,7 @@ def train(args, config, ft, accelerator, t: Training, objective, optimizer, lr, 
                 for k, v in parts.items():
                     totals[k] += float(v.detach()) / ft["gradient_accumulation_steps"]
         # the trained weights are the same on every process (DDP), so every process stops here
-        if not all(bool(torch.isfinite(p).all()) for p in t.params.values()):
+        if not torch.stack([torch.isfinite(p).all() for p in t.params.values()]).all():
             raise diverged(done, totals, ft, lr, "the trained weights are not finite")
         if done % ft["log_every"] == 0 or done == ft["steps"]:
             values = torch.tensor(
@@ -680,8 +684,8 @@ def main(args: argparse.Namespace) -> Path:
     ft["_norm_loss"] = ft["norm_loss"] if ft["norm_loss"] is not None else ft["mode"] == "joint"
     out = Path(args.out)
     output_dir = Path(args.output_dir) if args.output_dir else out.with_suffix(".state")
-    if args.resume not in (None, "latest") and not Path(args.resume).is_dir():
-        raise SepenError(f"checkpoint {args.resume!r} does not exist; use --resume latest")
+    # a given checkpoint folder is checked now; 'latest' is looked up once the input is valid
+    checkpoint = None if args.resume == "latest" else find_checkpoint(output_dir, args.resume)
 
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -692,19 +696,19 @@ def main(args: argparse.Namespace) -> Path:
     # everything that can be wrong with the input is checked before anything is written
     pipe = load_pipeline(config["model"]["pretrained"], config["model"]["revision"])
     check_prompts(pipe.tokenizer, ft)
-    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    from sepen.attention import captured_layers
-
-    captured_layers(pipe.unet, ft["resolutions"], ft["image_size"] // vae_factor)
+    captured_layers(pipe.unet, ft["resolutions"], latent_side(pipe, ft["image_size"]))
 
     settings = run_settings(config)
     if own_prompts:
         settings["prompts"] = own_prompts
     for tmp in output_dir.glob(".checkpoint-*"):  # a save cut short: never resumed from
         shutil.rmtree(tmp, ignore_errors=True)
-    if args.resume == "latest" and stale_checkpoints(output_dir, settings):
-        log.warning("checkpoints in %s are from other settings: starting from step 0", output_dir)
-    checkpoint = find_checkpoint(output_dir, args.resume)
+    if args.resume == "latest":
+        if stale_checkpoints(output_dir, settings):
+            log.warning(
+                "checkpoints in %s are from other settings: starting from step 0", output_dir
+            )
+        checkpoint = find_checkpoint(output_dir, "latest")
     start_step = _step_of(checkpoint) if checkpoint else 0
     accelerator = Accelerator(
         cpu=args.cpu,
@@ -741,7 +745,7 @@ def main(args: argparse.Namespace) -> Path:
         t.sampler.per_step,
         accelerator.num_processes,
     )
-    if not train(args, config, ft, accelerator, t, objective, optimizer, lr, start_step):
+    if not train(args, ft, accelerator, t, objective, optimizer, lr, start_step):
         accelerator.end_training()
         return output_dir
 

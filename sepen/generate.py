@@ -85,7 +85,14 @@ def generate(args: argparse.Namespace) -> dict:
     from sepen.config import load_config
     from sepen.delta import check_base_model, read_delta
     from sepen.plan import slugify
-    from sepen.sample import DeltaSwitcher, device_and_dtype, image_path, is_complete, save_png
+    from sepen.sample import (
+        DeltaSwitcher,
+        device_and_dtype,
+        draw_and_save,
+        group_by,
+        image_path,
+        is_complete,
+    )
     from sepen.sampling import sample
 
     config = load_config(args.config, args.set)
@@ -114,26 +121,23 @@ def generate(args: argparse.Namespace) -> dict:
     items = [(prompt, s) for prompt in prompts for s in seeds]
     todo = [(p, s) for p, s in items if not is_complete(image_path(args.out, slugify(p), s))]
     if todo:
-        from tqdm.auto import tqdm
-
         from sepen.models import load_pipeline
 
         device, dtype = device_and_dtype(sp)
         pipe = load_pipeline(model, config["model"]["revision"], dtype=dtype, device=device)
-        switcher = DeltaSwitcher(pipe)
-        bar = tqdm(total=len(todo), desc="generate", mininterval=5)
-        for delta in dict.fromkeys(chosen[p] for p, _ in todo):
-            switcher.use(delta)
-            group = [(p, s) for p, s in todo if chosen[p] == delta]
-            for lo in range(0, len(group), sp["batch_size"]):
-                chunk = group[lo : lo + sp["batch_size"]]
-                images = sample(
-                    pipe, [p for p, _ in chunk], [s for _, s in chunk], steps, guidance, len(chunk)
-                )
-                for (p, s), image in zip(chunk, images):
-                    save_png(image, image_path(args.out, slugify(p), s))
-                bar.update(len(chunk))
-        bar.close()
+
+        def draw(chunk):
+            prompts_, seeds_ = [p for p, _ in chunk], [s for _, s in chunk]
+            return sample(pipe, prompts_, seeds_, steps, guidance, len(chunk))
+
+        draw_and_save(
+            group_by(todo, lambda item: chosen[item[0]]),
+            draw,
+            lambda item: image_path(args.out, slugify(item[0]), item[1]),
+            sp["batch_size"],
+            "generate",
+            DeltaSwitcher(pipe),
+        )
     manifest = {
         "model": model,
         "steps": steps,

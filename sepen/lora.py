@@ -33,15 +33,13 @@ def weight_changes(
 ) -> tuple[dict[str, torch.Tensor], dict, int | None]:
     """Each trained layer's weight change (module path -> dW, float64), the delta's metadata,
     and the LoRA rank of a LoRA delta (None for full weights, which need the base model)."""
-    from sepen.delta import read_delta, same_model
+    from sepen.delta import check_base_model, read_delta
 
     tensors, meta = read_delta(delta)
     base = meta.get("base_model", "")
-    if model is not None and not same_model(base, model):
-        raise SepenError(
-            f"delta {str(delta)!r} was trained on base model {base!r}, not on {model!r}: "
-            f"export it with --model {base} (a LoRA of one base model does not fit another)"
-        )
+    if model is not None:
+        fix = f"export it with --model {base} (a LoRA of one base model does not fit another)"
+        check_base_model(delta, model, base, fix)
     if meta["trainable"] == "lora":
         scale = float(meta["lora_scale"])
         changes = {}

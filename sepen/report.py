@@ -24,12 +24,9 @@ from sepen.command import run_step
 from sepen.config import load_config
 from sepen.errors import SepenError
 from sepen.plan import read_plan
+from sepen.stats import format_ci
 
 # ---------------------------------------------------------------- table
-
-
-def _ci(v: dict) -> str:
-    return f"{v['mean']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]"
 
 
 def anchor_row(anchors: dict, metric: str, name: str, methods: list[str], width: int):
@@ -56,10 +53,10 @@ def metrics_table(result: dict, metric: str, anchors: dict | None = None) -> lis
     rows = [header]
     for name, by_method in result["sets"].items():
         row = [name, str(next(iter(by_method.values()))[metric]["n"])]
-        row += [_ci(by_method[m][metric]) if m in by_method else "-" for m in methods]
+        row += [format_ci(by_method[m][metric]) if m in by_method else "-" for m in methods]
         diffs = result["differences"].get(name, {})
         if "base" in methods:
-            row += [_ci(diffs[m][metric]) if m in diffs else "-" for m in others]
+            row += [format_ci(diffs[m][metric]) if m in diffs else "-" for m in others]
         rows.append(row)
         anchor = anchor_row(anchors or {}, metric, name, methods, len(header))
         if anchor:
@@ -86,9 +83,11 @@ def premise_rows(premise: dict) -> list[list[str]]:
     ]
     for method, by_set in premise["methods"].items():
         for name, v in by_set.items():
-            shares = [_ci(v[k]) if v[k] else "-" for k in ("own", "other", "background", "area")]
+            shares = [
+                format_ci(v[k]) if v[k] else "-" for k in ("own", "other", "background", "area")
+            ]
             aucs = [
-                f"{a['auc']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}]" if a else "-"
+                format_ci(a, "auc") if a else "-"
                 for a in (v["auc"][k] for k in ("separate", "enhance", "total"))
             ]
             rows.append([method, name, f"{v['images']} ({v['failures']})", *shares, *aucs])
@@ -152,7 +151,7 @@ def study_rows(study: dict) -> list[list[str]]:
         header += [f"{name}: success per seed", "change per seed", "mean change (range)"]
     rows = [header, ["base", "-"]]
     for name in sets:
-        rows[1] += [_ci(study["base"][name]["success"]), "", ""]
+        rows[1] += [format_ci(study["base"][name]["success"]), "", ""]
     for cell in study["cells"]:
         result = study["results"][cell["name"]]
         settings = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in cell.get("set", {}).items())
@@ -161,8 +160,8 @@ def study_rows(study: dict) -> list[list[str]]:
             seeds = result[name]["seeds"].values()
             change = result[name]["success_change"]
             row += [
-                "; ".join(_ci(v["success"]) for v in seeds),
-                "; ".join(_ci(v["minus_base"]["success"]) for v in seeds),
+                "; ".join(format_ci(v["success"]) for v in seeds),
+                "; ".join(format_ci(v["minus_base"]["success"]) for v in seeds),
                 f"{change['mean']:+.3f} ({change['min']:+.3f} to {change['max']:+.3f})",
             ]
         rows.append(row)

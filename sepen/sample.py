@@ -240,7 +240,7 @@ def sample_attend_excite(ae, entry: dict, seeds, sp: dict, ae_cfg: dict):
     ).images
 
 
-def _group(items: list, key) -> dict:
+def group_by(items: list, key) -> dict:
     groups: dict = {}
     for item in items:
         groups.setdefault(key(item), []).append(item)
@@ -257,6 +257,29 @@ def delta_for(plan: dict, method: str, prompt_id: str, model_dir: Path | None) -
     if method != "sepen" or model is None:
         return None
     return Path(model_dir) / f"{model}.safetensors"
+
+
+def draw_and_save(groups: dict, draw, path_of, batch_size: int, desc: str, switcher=None) -> None:
+    """Draw every item of `groups` ({key: [item]}) in batches and save each image.
+
+    With a `switcher` (DeltaSwitcher), each group's key is the delta its items are drawn with;
+    `draw(chunk)` gives the chunk's images, `path_of(item)` an image's path.
+    """
+    bar = tqdm(total=sum(len(g) for g in groups.values()), desc=desc, mininterval=10)
+    for key, group in groups.items():
+        if switcher is not None:
+            switcher.use(key)
+        for lo in range(0, len(group), batch_size):
+            chunk = group[lo : lo + batch_size]
+            for item, image in zip(chunk, draw(chunk)):
+                save_png(image, path_of(item))
+            bar.update(len(chunk))
+    bar.close()
+
+
+def prompts_by_delta(plan: dict, method: str, ids, model_dir: Path | None) -> dict:
+    """{delta (None: the base model): the prompt ids drawn with it}, in the order of `ids`."""
+    return group_by(list(ids), lambda pid: delta_for(plan, method, pid, model_dir))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -300,35 +323,34 @@ def run(args: argparse.Namespace) -> dict:
 
         device, dtype = device_and_dtype(config["sampling"], args.shard)
         pipe = load_pipeline(model, config["model"]["revision"], dtype=dtype, device=device)
-        switcher = DeltaSwitcher(pipe)
+        switcher = None
         sp = config["sampling"]
         if args.method == "attend_excite":  # one prompt per call: its token indices
             ae = attend_excite_pipeline(pipe)
             ae_cfg = config["evaluation"]["attend_excite"]
-            groups = _group(todo, lambda item: item[0])
+            groups = group_by(todo, lambda item: item[0])
 
             def draw(chunk):
                 entry = plan["prompts"][chunk[0][0]]
                 return sample_attend_excite(ae, entry, [s for _, s in chunk], sp, ae_cfg)
 
         else:  # one delta at a time (per-pair models), prompts batched across
-            groups = _group(todo, lambda item: deltas[item[0]])
+            switcher = DeltaSwitcher(pipe)
+            groups = group_by(todo, lambda item: deltas[item[0]])
 
             def draw(chunk):
                 prompts = [plan["prompts"][pid]["prompt"] for pid, _ in chunk]
                 seeds = [s for _, s in chunk]
                 return sample(pipe, prompts, seeds, sp["steps"], sp["guidance_scale"], len(chunk))
 
-        bar = tqdm(total=len(todo), desc=f"sampling {args.method}", mininterval=10)
-        for key, group in groups.items():
-            if args.method != "attend_excite":
-                switcher.use(key)
-            for lo in range(0, len(group), sp["batch_size"]):
-                chunk = group[lo : lo + sp["batch_size"]]
-                for (pid, s), im in zip(chunk, draw(chunk)):
-                    save_png(im, image_path(images_dir, pid, s))
-                bar.update(len(chunk))
-        bar.close()
+        draw_and_save(
+            groups,
+            draw,
+            lambda item: image_path(images_dir, *item),
+            sp["batch_size"],
+            f"sampling {args.method}",
+            switcher,
+        )
     manifest = {
         "method": args.method,
         "shard": args.shard,

@@ -9,6 +9,15 @@ import torch
 from tqdm.auto import tqdm
 
 
+def seeded_batches(prompts: Sequence[str], seeds: Sequence[int], batch_size: int, desc=None):
+    """(first index, prompts, generators) per batch: item i gets a generator seeded by
+    seeds[i], whatever the batch size. A progress bar is shown when `desc` is given."""
+    batches = range(0, len(prompts), batch_size)
+    for lo in tqdm(batches, desc=desc or "sampling", disable=desc is None, mininterval=10):
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds[lo : lo + batch_size]]
+        yield lo, list(prompts[lo : lo + batch_size]), gens
+
+
 def sample(
     pipe,
     prompts: Sequence[str],
@@ -25,10 +34,7 @@ def sample(
     for "latent" or "pt". A progress bar is shown when `desc` is given.
     """
     out = []
-    batches = range(0, len(prompts), batch_size)
-    for lo in tqdm(batches, desc=desc or "sampling", disable=desc is None, mininterval=10):
-        chunk = list(prompts[lo : lo + batch_size])
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds[lo : lo + batch_size]]
+    for _, chunk, gens in seeded_batches(prompts, seeds, batch_size, desc):
         with torch.no_grad():
             out.append(
                 pipe(
@@ -82,11 +88,9 @@ def sample_with_maps(
         return kwargs
 
     try:
-        for lo in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None):
-            chunk = list(prompts[lo : lo + batch_size])
+        for lo, chunk, gens in seeded_batches(prompts, seeds, batch_size, desc):
             state["where"] = positions[lo : lo + batch_size]
             state["acc"] = [None] * len(chunk)
-            gens = [torch.Generator().manual_seed(int(s)) for s in seeds[lo : lo + batch_size]]
             store.reset()
             with torch.no_grad():
                 out = pipe(

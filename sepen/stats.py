@@ -29,6 +29,11 @@ def paired_difference(after: Sequence[float], before: Sequence[float], **kwargs)
     return bootstrap_ci(a - b, **kwargs)
 
 
+def format_ci(ci: dict, key: str = "mean") -> str:
+    """'0.794 [0.731, 0.856]': a value of `bootstrap_ci` / `auc_ci` (its `key`) with its CI."""
+    return f"{ci[key]:.3f} [{ci['lo']:.3f}, {ci['hi']:.3f}]"
+
+
 def roc_auc(scores: Sequence[float], labels: Sequence[float]) -> float:
     """Area under the ROC curve: the chance that a random positive (label 1) scores higher
     than a random negative, ties counting one half (the Mann-Whitney statistic)."""

@@ -123,6 +123,7 @@ def tiny_sdxl_unet_config(sample_size: int = 16, text_widths=(32, 32)) -> dict:
 
 
 def _tiny_vae(sample_size: int):
+    """The tiny pipelines' 8x AutoencoderKL (random weights) for `sample_size` latents."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -139,17 +140,18 @@ def _tiny_vae(sample_size: int):
 
 
 def _tiny_clip_config(tokenizer, width: int, **extra):
+    """A 2-layer CLIP text encoder's config of hidden size `width` for `tokenizer`."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=49408,
+        vocab_size=len(tokenizer),
         hidden_size=width,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=49407,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         **extra,
     )
@@ -186,40 +188,14 @@ def build_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 16):
 
 def build_tiny_pipeline(seed: int = 0, sample_size: int = 16, cross_attention_dim: int = 32):
     """A StableDiffusionPipeline with random weights (deterministic for `seed`)."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     tokenizer = build_clip_tokenizer()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**tiny_unet_config(sample_size, cross_attention_dim))
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=sample_size * 8,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=cross_attention_dim,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    vae = _tiny_vae(sample_size)
+    text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer, cross_attention_dim))
     scheduler = DDIMScheduler(
         **SD_SCHEDULER, clip_sample=False, set_alpha_to_one=False, steps_offset=1
     )

@@ -146,7 +146,7 @@ def measure(pipe, plan: dict, prompt_ids: Sequence[str], seeds, config: dict) ->
 def premise_check(config: dict, plan: dict, model: str, model_dir: Path | None) -> dict:
     """Per method (base, and sepen with each prompt's delta) and pair set: the summary."""
     from sepen.models import load_pipeline
-    from sepen.sample import DeltaSwitcher
+    from sepen.sample import DeltaSwitcher, prompts_by_delta
 
     n = config["toy"]["premise_images"]
     seeds = plan["seeds"][:n]
@@ -164,22 +164,13 @@ def premise_check(config: dict, plan: dict, model: str, model_dir: Path | None) 
         by_set = {}
         for name, ids in sets.items():
             records = []
-            for delta, group in _by_delta(plan, method, ids, model_dir).items():
+            for delta, group in prompts_by_delta(plan, method, ids, model_dir).items():
                 switcher.use(delta)
                 records += measure(pipe, plan, group, seeds, config)
             by_set[name] = summarise(records, n_boot)
         out["methods"][method] = by_set
     switcher.use(None)
     return out
-
-
-def _by_delta(plan, method, ids, model_dir) -> dict:
-    from sepen.sample import delta_for
-
-    groups: dict = {}
-    for pid in ids:
-        groups.setdefault(delta_for(plan, method, pid, model_dir), []).append(pid)
-    return groups
 
 
 def cli(argv=None) -> int:

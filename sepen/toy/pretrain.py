@@ -130,6 +130,7 @@ def train_denoiser(pipe, rng, toy: dict, pre: dict, progress: bool) -> list[floa
         from sepen.attention import install_capture
 
         side = unet.config.sample_size
+        processors = dict(unet.attn_processors)
         store = install_capture(unet, pre["grounding_resolutions"], side, detach_start_token=False)
     for step in bar:
         images, prompts, named, layouts = scene_batch(
@@ -175,10 +176,8 @@ def train_denoiser(pipe, rng, toy: dict, pre: dict, progress: bool) -> list[floa
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
             if not progress:
                 log.info("step %d loss %.4f", step + 1, np.mean(losses[-50:]))
-    if store is not None:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        unet.set_attn_processor(AttnProcessor2_0())
+    if store is not None:  # the processors it had before the capture
+        unet.set_attn_processor(processors)
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
     return losses

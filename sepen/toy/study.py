@@ -26,6 +26,7 @@ import yaml
 from sepen.atomic import write_json, write_text
 from sepen.config import load_config
 from sepen.errors import ConfigError, SepenError
+from sepen.stats import bootstrap_ci, format_ci, paired_difference
 
 log = logging.getLogger("sepen.toy.study")
 NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -101,16 +102,13 @@ def cell_plan(base_plan: dict, cell_config: dict) -> dict:
 def sample_plan(pipe, plan: dict, model_dir: Path | None, sampling: dict) -> dict[str, list]:
     """Per prompt set, the exact detector's rows of every (prompt, seed) in plan order; each
     prompt sampled with its own delta from `model_dir` (None: the base model)."""
-    from sepen.sample import DeltaSwitcher, delta_for
+    from sepen.sample import DeltaSwitcher, prompts_by_delta
     from sepen.toy.evaluate import generate, image_scores
 
     switcher = DeltaSwitcher(pipe)
     method = "base" if model_dir is None else "sepen"
     rows: dict[str, dict] = {}
-    groups: dict = {}
-    for pid in plan["order"]:
-        groups.setdefault(delta_for(plan, method, pid, model_dir), []).append(pid)
-    for delta, ids in groups.items():
+    for delta, ids in prompts_by_delta(plan, method, plan["order"], model_dir).items():
         switcher.use(delta)
         items = [(pid, s) for pid in ids for s in plan["seeds"]]
         entries = [plan["prompts"][pid] for pid, _ in items]
@@ -134,8 +132,6 @@ def sample_plan(pipe, plan: dict, model_dir: Path | None, sampling: dict) -> dic
 def summarise_cell(runs: dict[int, dict], base: dict, n_boot: int) -> dict:
     """Per set: each finetuning seed's rates and paired differences to base, and across
     seeds the mean difference with its spread (min, max)."""
-    from sepen.stats import bootstrap_ci, paired_difference
-
     out = {}
     for name, base_rows in base.items():
         per_seed = {}
@@ -171,7 +167,6 @@ def run_study(
 ) -> dict:
     from sepen.models import load_pipeline
     from sepen.plan import build_plan
-    from sepen.stats import bootstrap_ci
 
     config = load_config(config_path, overrides_)
     cells = read_grid(grid)
@@ -217,17 +212,13 @@ def run_study(
     return study
 
 
-def _ci(d: dict) -> str:
-    return f"{d['mean']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]"
-
-
 def markdown_table(study: dict) -> str:
     """One row per cell: per evaluated set, the base rate, and per finetuning seed the paired
     change in success with its CI, then the mean change over seeds with its range."""
     sets = list(study["base"])
     head = ["cell", "settings"] + [f"{s}: change per seed [95% CI]; mean (range)" for s in sets]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = ["base", "-"] + [f"success {_ci(study['base'][s]['success'])}" for s in sets]
+    base = ["base", "-"] + [f"success {format_ci(study['base'][s]['success'])}" for s in sets]
     lines.append("| " + " | ".join(base) + " |")
     for cell in study["cells"]:
         result = study["results"][cell["name"]]
@@ -235,7 +226,7 @@ def markdown_table(study: dict) -> str:
         row = [cell["name"], settings or "-"]
         for s in sets:
             r = result[s]
-            seeds = "; ".join(f"{_ci(v['minus_base']['success'])}" for v in r["seeds"].values())
+            seeds = "; ".join(format_ci(v["minus_base"]["success"]) for v in r["seeds"].values())
             c = r["success_change"]
             row.append(f"{seeds}; mean {c['mean']:+.3f} ({c['min']:+.3f} to {c['max']:+.3f})")
         lines.append("| " + " | ".join(row) + " |")
