@@ -525,7 +525,7 @@ def prepare(config: dict, ft: dict, pipe, accelerator) -> Training:
         ft,
         (unet.config.in_channels, side, side),
         noise_scheduler.config.num_train_timesteps,
-        pipe.vae.config.scaling_factor,
+        pipe.vae.config.scaling_factor if ft["signal_scale"] is None else ft["signal_scale"],
         accelerator.num_processes,
     )
     if ft["signal"] == "base_samples":

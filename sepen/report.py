@@ -1,7 +1,9 @@
 """`sepen report <figure>`: the report's tables and figures (embedded by `snakemake --report`).
 
-- `table`: metrics per prompt set and method with 95% CIs and paired differences to the base
-  model; the toy world's premise check and settings study when given.
+- `table`: the headline, then metrics per prompt set and method (success first, then the
+  failure kinds) with 95% CIs and paired differences to the base model; the toy world's card,
+  premise check and settings study when given.
+- `landing`: the report's landing text, the headline numbers first.
 - `grid`: sample images, the same seeds side by side for every method.
 - `taxonomy`: why images fail (missing, too small, merged, wrong shape, spurious), per prompt
   set and method.
@@ -95,6 +97,69 @@ def premise_rows(premise: dict) -> list[list[str]]:
 
 
 FAILURE_KINDS = ("missing", "too_small", "merged", "wrong_shape", "spurious")
+# the metrics page leads with the answer: success, then why images fail, then the rest
+LEADING_METRICS = ("success", *(f"fail_{k}" for k in FAILURE_KINDS))
+
+
+def ordered_metrics(metrics: list[str]) -> list[str]:
+    first = [m for m in LEADING_METRICS if m in metrics]
+    return first + [m for m in metrics if m not in first]
+
+
+def headline(result: dict) -> list[str]:
+    """One sentence per prompt set: base -> each method with CIs and paired differences, in the
+    first metric of `ordered_metrics` (success for the toy world)."""
+    metric = ordered_metrics(result["metrics"])[0]
+    lines = []
+    for name, by_method in result["sets"].items():
+        if name == "overall" and len(result["sets"]) > 1:
+            continue
+        diffs = result["differences"].get(name, {})
+        parts = []
+        for m in result["methods"]:
+            if m not in by_method:
+                continue
+            text = f"{m} {format_ci(by_method[m][metric])}"
+            if m in diffs:
+                d = diffs[m][metric]
+                text += f" (paired {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}])"
+            parts.append(text)
+        n = next(iter(by_method.values()))[metric]["n"]
+        lines.append(f"{name} ({n} images), {metric}: " + " -> ".join(parts))
+    return lines
+
+
+def card_rows(card: dict) -> list[list[str]]:
+    """The world card's acceptance criteria: value and whether each holds."""
+    rows = [["criterion", "value", "holds"]]
+    for name, row in card["criteria"].items():
+        value = "-" if row["value"] is None else f"{row['value']:.3f}"
+        rows.append([name.replace("_", " "), value, "yes" if row["holds"] else "no"])
+    return rows
+
+
+def landing_text(result: dict, card: dict | None = None, description: str = "") -> str:
+    """The report's landing text (reStructuredText): the headline numbers first, then the
+    workflow's description (`description`, reST, rendered by Snakemake like its own)."""
+    out = ["The answer", "==========", ""]
+    out += [f"- {line}" for line in headline(result)] + [""]
+    if card is not None:
+        held = card["success"]["held_out_pairs"]
+        out += [
+            f"The base model's world card (card seeds {card['seeds'][0]}-{card['seeds'][1]}, "
+            f"not used by any number above): held-out pairs {format_ci(held)}; Attend-and-Excite "
+            f"step size {card['attend_excite']['chosen_scale']:g} chosen on those seeds.",
+            "",
+        ]
+    out += [
+        "Each method samples the same prompts with the same seeds; [a, b] are bootstrap 95% "
+        "confidence intervals and 'paired' differences compare the same prompt and seed. The "
+        "metrics page (category 1) starts with success, then the failure kinds.",
+        "",
+    ]
+    if description:
+        out += ["What was run", "------------", "", description.strip(), ""]
+    return "\n".join(out)
 
 
 def taxonomy_figure(result: dict) -> bytes:
@@ -182,6 +247,7 @@ def table_page(
     study: dict | None,
     notes: str = "",
     anchors: dict | None = None,
+    card: dict | None = None,
 ) -> str:
     parts = [
         "<html><head><meta charset='utf-8'><style>",
@@ -189,9 +255,18 @@ def table_page(
         "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}",
         "</style></head><body>",
     ]
+    parts.append("<h2>The answer</h2><ul>")
+    parts += [f"<li>{html.escape(line)}</li>" for line in headline(result)]
+    parts.append("</ul>")
     if notes:
         parts.append(f"<p>{html.escape(notes)}</p>")
-    for metric in result["metrics"]:
+    if card:
+        parts.append(
+            f"<h3>World card of the base model (card seeds {card['seeds'][0]}-"
+            f"{card['seeds'][1]}): acceptance criteria</h3>"
+        )
+        parts.append(html_table(card_rows(card)))
+    for metric in ordered_metrics(result["metrics"]):
         parts.append(f"<h3>{html.escape(metric)} (mean [95% CI])</h3>")
         parts.append(html_table(metrics_table(result, metric, anchors)))
     if result.get("fid"):
@@ -428,7 +503,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--metrics", type=Path, required=True, help="results of `sepen aggregate`")
     t.add_argument("--premise", type=Path, help="results of `sepen toy premise`")
     t.add_argument("--study", type=Path, help="study.json of `sepen toy study`")
+    t.add_argument("--card", type=Path, help="world_card.json of `sepen toy card`")
     t.add_argument("--out", type=Path, required=True)
+    la = sub.add_parser("landing", help="the report's landing text: the headline (reST)")
+    la.add_argument("--metrics", type=Path, required=True, help="results of `sepen aggregate`")
+    la.add_argument("--card", type=Path, help="world_card.json of `sepen toy card`")
+    la.add_argument("--description", type=Path, help="the workflow's description (reST)")
+    la.add_argument("--out", type=Path, required=True)
     g = sub.add_parser("grid", help="sample grid (PNG)")
     g.add_argument("--config", type=Path, required=True)
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -471,6 +552,12 @@ def _metrics(path: Path) -> dict:
     return _read_json(path, "metrics file", "sepen aggregate", ("methods", "metrics", "sets"))
 
 
+def _card(path: Path | None) -> dict | None:
+    if path is None or not Path(path).is_file():  # a model without a card: no card section
+        return None
+    return _read_json(path, "world card", "sepen toy card", ("criteria", "success"))
+
+
 def main(args: argparse.Namespace) -> None:
     if args.figure == "table":
         anchors = load_config(args.config)["report"]["anchors"] if args.config else {}
@@ -483,8 +570,12 @@ def main(args: argparse.Namespace) -> None:
             _read_json(args.study, "study file", "sepen toy study", ("cells", "results")),
             f"Models: {notes}" if notes else "",
             anchors,
+            _card(args.card),
         )
         write_text(args.out, page)
+    elif args.figure == "landing":
+        description = args.description.read_text() if args.description else ""
+        write_text(args.out, landing_text(_metrics(args.metrics), _card(args.card), description))
     elif args.figure == "grid":
         config = load_config(args.config, args.set)
         from sepen.artifacts import read_manifest, shard_files

@@ -1,12 +1,35 @@
 import os
+import tempfile
 
-import pytest
-import torch
+# Tests never read this machine's model caches: a fresh, empty Hugging Face home (and torch hub
+# folder) for the whole run, set before anything imports huggingface_hub (which reads HF_HOME
+# once, at import), and inherited by every subprocess a test starts.
+ISOLATED_HOME = tempfile.mkdtemp(prefix="sepen-tests-home-")
+os.environ["HF_HOME"] = os.path.join(ISOLATED_HOME, "huggingface")
+os.environ["TORCH_HOME"] = os.path.join(ISOLATED_HOME, "torch")
+os.environ.pop("HF_HUB_CACHE", None)
+os.environ.pop("HUGGINGFACE_HUB_CACHE", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_model_caches():
+    """Point huggingface_hub's constants at the isolated home even if a plugin imported it
+    before this file ran (it reads HF_HOME only at import)."""
+    import huggingface_hub.constants as hub
+
+    home = os.environ["HF_HOME"]
+    saved = (hub.HF_HOME, hub.HF_HUB_CACHE)
+    hub.HF_HOME, hub.HF_HUB_CACHE = home, os.path.join(home, "hub")
+    yield
+    hub.HF_HOME, hub.HF_HUB_CACHE = saved
 
 
 def pytest_collection_modifyitems(config, items):

@@ -51,6 +51,7 @@ def test_tiny_model_step_then_finetune_from_the_console_script(tmp_path):
         ("config/sd21_pairs.yaml", "pairs"),
         ("config/sd14_joint.yaml", "joint"),
         ("config/config.yaml", "pairs"),
+        ("config/toy_v2.yaml", "pairs"),
         ("config/test/smoke.yaml", "joint"),
     ],
 )
@@ -58,12 +59,13 @@ def test_shipped_configs_validate(path, mode):
     assert load_config(ROOT / path)["finetune"]["mode"] == mode
 
 
-def test_shipped_toy_model_matches_the_default_config():
+@pytest.mark.parametrize("path", ["config/config.yaml", "config/toy_v2.yaml"])
+def test_shipped_toy_models_match_their_configs(path):
     import json
 
     from sepen.toy.pretrain import prepare_world, world_settings
 
-    config = load_config(ROOT / "config/config.yaml")
+    config = load_config(ROOT / path)
     summary = json.loads((ROOT / config["model"]["pretrained"] / "sepen_toy.json").read_text())
     toy = prepare_world(config)
     assert summary["held_out_pairs"] == toy["_held_out_pairs"]

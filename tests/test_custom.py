@@ -385,4 +385,27 @@ def test_readme_fix_my_prompt_commands_run_on_the_tiny_model(tmp_path, tiny_mode
         ["python", "-c", python], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert list((tmp_path / "fixes").rglob("*.png"))
+    # step 2 drew the prompt with the fix: its images differ from the base model's on the same
+    # seeds and settings; step 3's LoRA, loaded by diffusers, draws step 2's seed-0 image
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from sepen.models import load_pipeline
+
+    fixed = sorted((tmp_path / "fixes" / "images").rglob("seed-*.png"))
+    assert [p.name for p in fixed] == [f"seed-{s:05d}.png" for s in range(4)]
+    pipe = load_pipeline(tiny_model)
+    gens = [torch.Generator().manual_seed(s) for s in range(4)]
+    base = pipe(
+        ["a photo of a cat and a dog"] * 4,
+        num_inference_steps=50,
+        guidance_scale=6.0,
+        generator=gens,
+        output_type="np",
+    ).images
+    base = np.round(base * 255).astype(np.int16)
+    drawn = np.stack([np.asarray(Image.open(p).convert("RGB"), np.int16) for p in fixed])
+    assert np.abs(drawn - base).max() >= 8  # the fix changed the images
+    lora = np.asarray(Image.open(tmp_path / "fixes" / "cat-dog.png").convert("RGB"), np.int16)
+    assert np.abs(lora - drawn[0]).max() <= 2  # rank 16 holds this per-pair change

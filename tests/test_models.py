@@ -28,3 +28,27 @@ def test_missing_local_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotAvailableError, match="has no model_index.json"):
         load_pipeline(tmp_path / "empty")
+
+
+def test_tests_read_an_isolated_model_cache_not_the_machines():
+    """conftest points the Hugging Face cache at an empty temporary home: a model in it is
+    found, and nothing under the machine's own cache is (the real SD weights, if present there,
+    cannot make a missing-model test pass or fail)."""
+    import os
+    from pathlib import Path
+
+    import huggingface_hub.constants as hub
+    from conftest import ISOLATED_HOME
+    from huggingface_hub import snapshot_download
+
+    assert Path(hub.HF_HUB_CACHE).is_relative_to(ISOLATED_HOME)
+    assert Path(os.environ["HF_HOME"]).is_relative_to(ISOLATED_HOME)
+    assert not Path(hub.HF_HUB_CACHE).is_relative_to(Path.home() / ".cache")
+    # a snapshot written in the hub's cache layout there is what the loader finds offline
+    repo = Path(hub.HF_HUB_CACHE) / "models--someone--cached"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (snap / "model_index.json").write_text("{}")
+    assert Path(snapshot_download("someone/cached", local_files_only=True)) == snap

@@ -72,7 +72,8 @@ def test_toy_plan_has_single_trained_and_held_out_sets_from_the_world_split():
 
     config = load_config("config/config.yaml", ["evaluation.sets=[]"])  # every set
     plan = build_plan(config)
-    trained, held = pair_split(config["toy"]["concepts"], 8, 0)
+    toy = config["toy"]
+    trained, held = pair_split(toy["concepts"], toy["held_out_pairs"], toy["split_seed"])
     assert {k: len(v) for k, v in plan["sets"].items()} == {
         "single": 8,
         "trained_pairs": len(trained),

@@ -102,6 +102,33 @@ def test_paper_configs_dry_run_without_weights_and_list_their_jobs(
     assert len(plan["order"]) * len(plan["seeds"]) == images
 
 
+WORKFLOW_CONFIGS = sorted(
+    str(p.relative_to(ROOT))
+    for p in [*(ROOT / "config").glob("*.yaml"), *(ROOT / "config/test").glob("*.yaml")]
+    if not p.name.startswith("toy_study")  # settings-study grids, not workflow configs
+)
+
+
+def test_every_shipped_config_is_a_workflow_config():
+    assert "config/sdxl_pairs.yaml" in WORKFLOW_CONFIGS
+    assert "config/sdxl_joint.yaml" in WORKFLOW_CONFIGS and "config/toy_v2.yaml" in WORKFLOW_CONFIGS
+    for path in WORKFLOW_CONFIGS:
+        assert "experiment" in yaml.safe_load((ROOT / path).read_text()), path
+
+
+@pytest.mark.parametrize("config", WORKFLOW_CONFIGS)
+def test_every_shipped_config_dry_runs_without_weights(project, config):
+    """`snakemake -n` of each shipped config, SDXL included: the DAG builds from the config
+    alone (no model weights, no GPU) and reaches the report."""
+    out = snakemake(project, "-n", "--configfile", config).stdout
+    counts = job_counts(out)
+    assert counts["all"] == 1 and counts["report_grid"] == 1 and counts["sample"] >= 2
+    cfg = yaml.safe_load((ROOT / config).read_text())
+    if cfg.get("evaluation", {}).get("metrics"):  # configs without metrics stop at the samples
+        assert counts["aggregate"] == 1 and counts["metrics"] == counts["sample"]
+        assert f"results/{cfg['experiment']}/metrics.json" in out
+
+
 def shell_commands(output: str) -> set[str]:
     cmds = set()
     for line in output.splitlines():
@@ -281,15 +308,26 @@ def test_toy_pretraining_and_study_join_the_dag_behind_their_switches(project):
     smoke = yaml.safe_load((ROOT / "config/test/smoke.yaml").read_text())
     smoke["toy"]["pretrain"] = {"run": True}
     smoke["toy"]["study"] = {"run": True}
+    smoke["toy"]["card"] = {"run": True}
     (project / "switched.yaml").write_text(yaml.safe_dump(smoke))
     out = snakemake(project, "-n", "-p", "--forceall", "--configfile", "switched.yaml").stdout
     counts = job_counts(out)
-    assert counts["toy_pretrain"] == 1 and counts["toy_study"] == 1
-    finetune = next(c for c in shell_commands(out) if " finetune " in c)
+    assert counts["toy_pretrain"] == 1 and counts["toy_study"] == 1 and counts["toy_card"] == 1
+    commands = shell_commands(out)
+    finetune = next(c for c in commands if " finetune " in c)
     assert " --model results/smoke/toy_base " in finetune
     assert "--study results/smoke/study/study.json" in out
+    card = next(c for c in commands if " toy card " in c)
+    assert "--model results/smoke/toy_base --out results/smoke/world_card.json" in card
+    pretrain = next(c for c in commands if " toy pretrain " in c)
+    assert pretrain.endswith("--out results/smoke/toy_base --resume latest")
+    for rule in ("report table", "report landing"):  # the card is shown in the report
+        cmd = next(c for c in commands if f" {rule} " in c)
+        assert "--card results/smoke/world_card.json" in cmd
     default = snakemake(project, "-nFp", "--configfile", "config/test/smoke.yaml").stdout
     assert "toy_pretrain" not in job_counts(default) and "data/toy_study/study.json" in default
+    assert "toy_card" not in job_counts(default)
+    assert "--card data/toy_base/world_card.json" in default  # the shipped model's card
 
 
 def test_fid_jobs_join_the_dag_when_a_reference_folder_is_set(project):

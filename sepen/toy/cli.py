@@ -10,6 +10,8 @@ STEPS = {
     "evaluate": "sepen.toy.evaluate",
     "study": "sepen.toy.study",
     "premise": "sepen.toy.premise",
+    "card": "sepen.toy.card",
+    "diagnose": "sepen.toy.diagnose",
 }
 
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from sepen.command import run_step, step_parser
 from sepen.config import load_config
+from sepen.errors import SepenError
 from sepen.tokens import concept_token_positions, prompt_ids
 from sepen.toy.model import build_toy_pipeline
 from sepen.toy.world import prepare_world, prompt_for, scene_batch
@@ -107,24 +108,50 @@ def grounding_loss(maps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -(picked.clamp_min(1e-8).log()).mean()
 
 
-def train_denoiser(pipe, rng, toy: dict, pre: dict, progress: bool) -> list[float]:
+def grounded(named: list[str], objects: list, which: str) -> bool:
+    """Whether an image's attention is grounded: its caption names every object it shows, and
+    with `which` 'single' it shows one object only (composing is then left to the model)."""
+    if len(named) != len(objects):
+        return False
+    return which == "all" or len(objects) == 1
+
+
+class Run:
+    """The live state of the denoiser's training, saved and restored by checkpoints."""
+
+    def __init__(self, pipe, pre: dict, rng: np.random.Generator):
+        self.pipe, self.pre, self.rng = pipe, pre, rng
+        self.params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=pre["learning_rate"], weight_decay=0.01)
+        steps, warm = pre["steps"], pre["warmup_steps"]
+
+        def lr_lambda(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda)
+        self.g = torch.Generator().manual_seed(pre["seed"])
+        self.step, self.losses, self.seconds, self.recon = 0, [], 0.0, None
+
+
+def train_denoiser(run: Run, toy: dict, until: int, progress: bool, save=None) -> list[float]:
+    """Train from `run.step` to step `until`; `save(step)` at every checkpointing step."""
+    pipe, pre, rng, g = run.pipe, run.pre, run.rng, run.g
     unet, text_encoder, tokenizer, vae = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae
     scheduler = pipe.scheduler
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=pre["learning_rate"], weight_decay=0.01)
-    steps, warm = pre["steps"], pre["warmup_steps"]
-
-    def lr_lambda(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     unet.train()
     text_encoder.train()
-    losses = []
-    bar = _progress(steps, "pretrain", progress)
-    g = torch.Generator().manual_seed(pre["seed"])
+    losses = run.losses
+    bar = tqdm(
+        range(run.step, until),
+        initial=run.step,
+        total=until,
+        desc="pretrain",
+        disable=not progress,
+        miniters=max(1, until // 100),
+        mininterval=10,
+    )
     store, weight = None, pre["grounding"]
     if weight > 0:  # attention grounding (TokenCompose-style): each object's cells attend its token
         from sepen.attention import install_capture
@@ -140,6 +167,7 @@ def train_denoiser(pipe, rng, toy: dict, pre: dict, progress: bool) -> list[floa
             toy["_trained_pairs"],
             toy["pair_fraction"],
             toy["radius"],
+            one_name_fraction=toy["one_name_fraction"],
         )
         drop = rng.random(len(prompts)) < pre["empty_prompt_fraction"]
         prompts = ["" if d else p for p, d in zip(prompts, drop)]
@@ -159,23 +187,33 @@ def train_denoiser(pipe, rng, toy: dict, pre: dict, progress: bool) -> list[floa
         pred = unet(noisy, t, text_encoder(ids)[0]).sample
         loss = F.mse_loss(pred, target)
         if store is not None:
-            positions = [
-                [] if not p else concept_token_positions(tokenizer, p, c)
-                for p, c in zip(prompts, named)
+            keep = [
+                not p or grounded(c, objs, pre["grounding_images"])
+                for p, c, objs in zip(prompts, named, layouts)
             ]
+            positions = [
+                [] if not (p and k) else concept_token_positions(tokenizer, p, c)
+                for p, c, k in zip(prompts, named, keep)
+            ]
+            shown = [objs if k else [] for objs, k in zip(layouts, keep)]
             maps = store.aggregate().mean(1)  # (B, h, w, T)
-            labels = grounding_labels(layouts, positions, maps.shape[1], images.shape[1])
-            loss = loss + weight * grounding_loss(maps, labels)
-        opt.zero_grad(set_to_none=True)
+            labels = grounding_labels(shown, positions, maps.shape[1], images.shape[1])
+            labels[~torch.tensor(keep)] = -1
+            if (labels >= 0).any():
+                loss = loss + weight * grounding_loss(maps, labels)
+        run.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+        run.opt.step()
+        run.sched.step()
         losses.append(loss.item())
-        if (step + 1) % 50 == 0:
+        run.step = step + 1
+        if run.step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
             if not progress:
-                log.info("step %d loss %.4f", step + 1, np.mean(losses[-50:]))
+                log.info("step %d loss %.4f", run.step, np.mean(losses[-50:]))
+        if save is not None and (run.step % pre["checkpointing_steps"] == 0 or run.step == until):
+            save(run.step)
     if store is not None:  # the processors it had before the capture
         unet.set_attn_processor(processors)
     unet.eval().requires_grad_(False)
@@ -208,20 +246,18 @@ def world_settings(toy: dict) -> dict:
     """The toy settings a base model depends on (not the workflow's switches and checks)."""
     keep = ("concepts", "held_out_pairs", "split_seed", "radius", "pair_fraction", "model")
     out = {k: toy[k] for k in keep}
-    out["pretrain"] = {k: v for k, v in toy["pretrain"].items() if k != "run"}
+    if toy.get("one_name_fraction"):  # (absent from the models made before it existed)
+        out["one_name_fraction"] = toy["one_name_fraction"]
+    run_only = ("run", "checkpointing_steps", "checkpoints_total_limit")
+    out["pretrain"] = {k: v for k, v in toy["pretrain"].items() if k not in run_only}
+    if out["pretrain"].get("grounding_images") == "all":  # likewise
+        del out["pretrain"]["grounding_images"]
     return out
 
 
-def pretrain(config: dict, out: Path, progress: bool = True) -> dict:
-    toy = prepare_world(config)
+def _write_model(pipe, toy: dict, config: dict, run: Run, out: Path, until: int) -> dict:
+    """Save the pipeline and its summary (with validation numbers) to `out`, atomically."""
     pre = toy["pretrain"]
-    started = time.perf_counter()
-    torch.manual_seed(pre["seed"])
-    rng = np.random.default_rng(pre["seed"])
-    pipe = build_toy_pipeline(toy["model"], seed=pre["seed"])
-    recon = train_vae(pipe.vae, rng, toy, pre["vae_steps"], pre["batch_size"], progress)
-    losses = train_denoiser(pipe, rng, toy, pre, progress)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
@@ -229,9 +265,10 @@ def pretrain(config: dict, out: Path, progress: bool = True) -> dict:
         summary = {
             "trained_pairs": toy["_trained_pairs"],
             "held_out_pairs": toy["_held_out_pairs"],
-            "autoencoder_mse": recon,
-            "final_loss": float(np.mean(losses[-50:])),
-            "training_seconds": round(time.perf_counter() - started, 1),
+            "autoencoder_mse": run.recon,
+            "final_loss": float(np.mean(run.losses[-50:])),
+            "training_seconds": round(run.seconds, 1),
+            "step": until,
             "config": world_settings(toy),
         }
         if pre["validation_images"]:
@@ -251,14 +288,124 @@ def pretrain(config: dict, out: Path, progress: bool = True) -> dict:
     return summary
 
 
+def pretrain(
+    config: dict,
+    out: Path,
+    progress: bool = True,
+    state_dir: Path | None = None,
+    resume: str | None = None,
+    until: int | None = None,
+    stop_after: int | None = None,
+) -> dict | None:
+    """Pretrain the toy base model into `out`.
+
+    With `state_dir`, complete checkpoints are written every `toy.pretrain.checkpointing_steps`
+    and `resume` ('latest' or a checkpoint folder) continues from one, bit for bit. `until`
+    writes the model of that step (at most `toy.pretrain.steps`; a checkpoint of that step is
+    used as it is), so a checkpoint chosen by the world card becomes a model. `stop_after`
+    stops after that step without writing the model (an interruption).
+    """
+    from sepen.toy import checkpoints as ck
+
+    toy = prepare_world(config)
+    pre = toy["pretrain"]
+    until = pre["steps"] if until is None else until
+    if not 0 < until <= pre["steps"]:
+        raise SepenError(
+            f"--until {until} is outside 1..{pre['steps']} (toy.pretrain.steps); "
+            "give a step of this run's schedule"
+        )
+    settings = world_settings(toy)
+    if resume and state_dir is None:
+        raise SepenError("--resume needs a checkpoint folder: give --state-dir")
+    checkpoint = ck.find_checkpoint(Path(state_dir), resume, settings, until) if resume else None
+    out = Path(out)
+    started = time.perf_counter()
+    torch.manual_seed(pre["seed"])
+    rng = np.random.default_rng(pre["seed"])
+    pipe = build_toy_pipeline(toy["model"], seed=pre["seed"])
+    run = Run(pipe, pre, rng)
+    if state_dir is not None:
+        state_dir = Path(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        ck.clean_partial(state_dir)
+
+    def save(step: int) -> None:
+        if state_dir is None:
+            return
+        seconds = run.seconds + time.perf_counter() - started
+        extra = {"settings": settings, "losses": run.losses, "seconds": seconds}
+        extra.update(recon=run.recon, vae_scale=pipe.vae.config.scaling_factor)
+        ck.save_checkpoint(state_dir, step, pipe, run.opt, run.sched, rng, run.g, extra)
+        ck.prune(state_dir, pre["checkpoints_total_limit"])
+        log.info("checkpoint-%d written (%.0f s of training so far)", step, seconds)
+
+    if checkpoint is not None:
+        log.info("resuming from %s", checkpoint)
+        state = ck.load_checkpoint(checkpoint, pipe, run.opt, run.sched, rng, run.g)
+        pipe.vae.eval().requires_grad_(False)
+        pipe.vae.register_to_config(scaling_factor=state["vae_scale"])
+        run.step, run.losses = state["step"], state["losses"]
+        run.seconds, run.recon = state["seconds"], state["recon"]
+    else:
+        if resume:
+            log.info("no usable checkpoint in %s: starting anew", state_dir)
+        run.recon = train_vae(pipe.vae, rng, toy, pre["vae_steps"], pre["batch_size"], progress)
+    if checkpoint is None:
+        save(0)  # the autoencoder is not trained again after a stop
+    stop = until if stop_after is None else min(until, stop_after)
+
+    if run.step < stop:
+        train_denoiser(run, toy, stop, progress, save)
+    run.seconds += time.perf_counter() - started
+    pipe.unet.eval().requires_grad_(False)
+    pipe.text_encoder.eval().requires_grad_(False)
+    if stop_after is not None and stop < until:
+        log.info("stopped after step %d (--stop-after); the model is not written", stop)
+        return None
+    return _write_model(pipe, toy, config, run, out, until)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = step_parser("sepen toy pretrain", __doc__.split("\n")[0], config_required=False)
     p.add_argument("--out", type=Path, required=True, help="folder for the saved pipeline")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        help="checkpoints of the run (default: <out>.state); written every "
+        "toy.pretrain.checkpointing_steps",
+    )
+    p.add_argument("--resume", help="'latest' or a checkpoint folder to continue from")
+    p.add_argument(
+        "--until",
+        type=int,
+        metavar="STEP",
+        help="write the model of this step (default: toy.pretrain.steps), e.g. a checkpoint "
+        "chosen by the world card",
+    )
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="STEP",
+        help="stop after this step without writing the model (checkpoints stay)",
+    )
     return p.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> dict:
-    summary = pretrain(load_config(args.config, args.set), args.out, progress=True)
+    out = Path(args.out)
+    state_dir = args.state_dir or out.with_name(out.name + ".state")
+    summary = pretrain(
+        load_config(args.config, args.set),
+        out,
+        progress=True,
+        state_dir=state_dir,
+        resume=args.resume,
+        until=args.until,
+        stop_after=args.stop_after,
+    )
+    if summary is None:
+        return {}
     for kind, rates in summary.get("validation", {}).items():
         s = rates["success"]
         log.info(

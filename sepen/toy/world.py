@@ -190,11 +190,16 @@ def scene_batch(
     pair_fraction: float,
     radius=(5.0, 8.0),
     size: int = 32,
+    one_name_fraction: float = 0.0,
 ):
     """n training scenes: single objects, or (with probability pair_fraction) a trained pair.
 
+    A pair image's caption names only one of its two objects with probability
+    `one_name_fraction` (as web captions often name only one object); with 0 the random stream
+    is that of earlier versions, so their models stay reproducible.
+
     Returns (images uint8 (n, size, size, 3), prompts, named concepts per image, the placed
-    objects per image in the order they are named).
+    objects per image in drawing order; the named concepts lead, in their order).
     """
     images, prompts, named, layouts = [], [], [], []
     for _ in range(n):
@@ -207,6 +212,8 @@ def scene_batch(
             chosen, conjunction = [concepts[rng.integers(len(concepts))]], "and"
         layouts.append(place(rng, chosen, size, tuple(radius)))
         images.append(render(layouts[-1], size))
+        if len(chosen) > 1 and one_name_fraction > 0 and rng.random() < one_name_fraction:
+            chosen = chosen[:1]
         prompts.append(prompt_for(chosen, conjunction))
         named.append(chosen)
     return np.stack(images), prompts, named, layouts

@@ -26,6 +26,7 @@ METRICS = CFG["evaluation"]["metrics"]
 TOY = CFG["evaluation"]["prompts"] == "toy"
 PRETRAIN = TOY and CFG["toy"]["pretrain"]["run"]
 STUDY = TOY and CFG["toy"]["study"]["run"]
+CARD_RUN = TOY and CFG["toy"]["card"]["run"]
 BASE = f"{R}/toy_base" if PRETRAIN else CFG["model"]["pretrained"]
 # a local base model folder is an input (a change re-runs what uses it); a hub id is not
 BASE_INPUT = [BASE] if PRETRAIN or os.path.isdir(BASE) else []
@@ -85,20 +86,33 @@ def premise_deltas():
     return [f"{R}/models/{m}.safetensors" for m in MODELS]
 
 
+def card_file():
+    """The base model's world card: measured in the DAG (toy.card.run) or shipped beside the
+    model; [] when there is none."""
+    if not TOY:
+        return []
+    if CARD_RUN:
+        return f"{R}/world_card.json"
+    shipped = os.path.join(BASE, "world_card.json")
+    return shipped if os.path.isfile(shipped) else []
+
+
 def table_inputs():
     out = {"metrics": f"{R}/metrics.json"}
+    if card_file():
+        out["card"] = card_file()
     if TOY and CFG["toy"]["premise_images"]:
         out["premise"] = f"{R}/premise.json"
-    if TOY:
-        out["study"] = (
-            f"{R}/study/study.json" if STUDY else CFG["toy"]["study"]["shipped"]
-        )
+    if STUDY:
+        out["study"] = f"{R}/study/study.json"
+    elif TOY and os.path.isfile(CFG["toy"]["study"]["shipped"]):  # shown when shipped
+        out["study"] = CFG["toy"]["study"]["shipped"]
     return out
 
 
 def table_options(wildcards, input):
     return "".join(
-        f" --{k} {input[k]}" for k in ("premise", "study") if k in input.keys()
+        f" --{k} {input[k]}" for k in ("premise", "study", "card") if k in input.keys()
     )
 
 

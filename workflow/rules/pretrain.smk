@@ -20,4 +20,31 @@ rule toy_pretrain:
         config=CONFIG,
         config_keys=step_params(CFG, "toy_pretrain"),
     shell:
-        "python -m sepen toy pretrain --config {params.config} --out {output} 2> {log}"
+        "python -m sepen toy pretrain --config {params.config} --out {output}"
+        " --resume latest 2> {log}"
+
+
+# The world card of the base model (sepen toy card), when toy.card.run is true; otherwise the
+# report shows the card shipped beside model.pretrained.
+rule toy_card:
+    input:
+        model=BASE,
+    output:
+        f"{R}/world_card.json",
+    log:
+        f"{LOGS}/toy_card.log",
+    benchmark:
+        f"{BENCH}/toy_card.tsv"
+    conda:
+        CONDA_ENV
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=0,
+    params:
+        config=CONFIG,
+        config_keys=step_params(CFG, "toy_card"),
+    shell:
+        "python -m sepen toy card --config {params.config} --model {input.model} --out {output}"
+        " 2> {log}"

@@ -29,6 +29,30 @@ rule report_table:
         "{params.options} --out {output} 2> {log}"
 
 
+rule report_landing:
+    input:
+        metrics=f"{R}/metrics.json",
+        card=card_file(),
+        description="workflow/report/workflow.rst",
+    output:
+        f"{R}/report/landing.rst",
+    log:
+        f"{LOGS}/report_landing.log",
+    benchmark:
+        f"{BENCH}/report_landing.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        card=lambda wildcards, input: f" --card {input.card}" if input.card else "",
+    shell:
+        "python -m sepen report landing --metrics {input.metrics}{params.card}"
+        " --description {input.description} --out {output} 2> {log}"
+
+
 rule report_grid:
     input:
         plan=f"{R}/prompts.json",

@@ -1,0 +1,411 @@
+"""`sepen toy card`: the world card of a toy base model.
+
+What a base model's world is like, measured before any SepEn number is looked at, on card seeds
+that no reported number uses (`toy.card.seed` onwards; the evaluation uses seeds from
+`evaluation.seed`, the pretraining validation 10000 onwards):
+
+- success of the exact detector per single concept, trained pair and held-out pair, and the
+  failure taxonomy of the held-out pairs' failing objects;
+- steering: is the attention causal? One object token's cross-attention logits get +b on the
+  left half of the image and -b on the right (the other token the mirror), in every
+  cross-attention layer; how often does each object land on its steered side, against the
+  same seeds unsteered;
+- per held-out pair, the cosine similarity of the two object tokens' keys (mean over the
+  cross-attention layers) and the overlap (soft IoU) of their step-averaged attention maps, and
+  how well each predicts the pair's failure rate (Spearman's rank correlation);
+- Attend-and-Excite at a grid of step sizes on the held-out pairs (the chosen step size is the
+  one the evaluation should use);
+- the world's acceptance criteria, each with its value.
+
+Writes `world_card.json` beside the model (or --out).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sepen.command import run_step, step_parser
+from sepen.config import load_config
+from sepen.errors import SepenError
+
+log = logging.getLogger("sepen.toy.card")
+
+CARD_FILE = "world_card.json"
+
+
+# ----------------------------------------------------------------------------- steering
+
+
+def steering_bias(side: int, tokens: int, left, right, strength: float) -> torch.Tensor:
+    """(side * side, tokens) additive logit bias: the `left` token positions get +strength on
+    the left half of a side x side grid and -strength on the right half; `right` the mirror.
+    Other tokens get 0. Rows are the grid's cells in row-major order (as attention queries)."""
+    bias = torch.zeros(side, side, tokens)
+    half = side // 2
+    for positions, sign in ((left, 1.0), (right, -1.0)):
+        for p in positions:
+            bias[:, :half, p] += sign * strength
+            bias[:, half:, p] -= sign * strength
+    return bias.reshape(side * side, tokens)
+
+
+class SteeringProcessor:
+    """diffusers' AttnProcessor2_0 with a steering bias added to the conditional half's logits.
+
+    `bias(side, tokens)` gives the (side * side, tokens) bias for a layer's grid; with
+    classifier-free guidance the batch is [unconditional, conditional] and only the second half
+    is steered (`cond_only`).
+    """
+
+    def __init__(self, bias, cond_only: bool = True):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.bias, self.cond_only, self.inner = bias, cond_only, AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+        batch, length = hidden_states.shape[0], hidden_states.shape[-2]
+        if hidden_states.ndim == 4:
+            length = hidden_states.shape[-1] * hidden_states.shape[-2]
+        side = int(round(length**0.5))
+        tokens = encoder_hidden_states.shape[1]
+        bias = self.bias(side, tokens).to(hidden_states.device, hidden_states.dtype)
+        mask = torch.zeros(batch, length, tokens, dtype=bias.dtype, device=bias.device)
+        first = batch // 2 if self.cond_only else 0
+        mask[first:] = bias
+        if attention_mask is not None:
+            raise SepenError("the steering test does not combine with an attention mask")
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask=mask, **kw)
+
+
+def steered(unet, bias):
+    """Context: every cross-attention layer (attn2) steered by `bias`; processors restored."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        original = dict(unet.attn_processors)
+        processors = {
+            k: (SteeringProcessor(bias) if ".attn2." in k else v) for k, v in original.items()
+        }
+        unet.set_attn_processor(processors)
+        try:
+            yield
+        finally:
+            unet.set_attn_processor(original)
+
+    return ctx()
+
+
+def object_side(found, concept: str, width: int) -> str | None:
+    """'left' or 'right': the half holding the centre of the concept's biggest counted region
+    (None when the detector did not find it)."""
+    own = [r for r in found if r.concept == concept and r.counts]
+    if not own:
+        return None
+    biggest = max(own, key=lambda r: r.area)
+    xs = np.nonzero(biggest.mask)[1] + 0.5
+    return "left" if xs.mean() < width / 2 else "right"
+
+
+def steering_counts(images: np.ndarray, pair: Sequence[str]) -> dict[str, int]:
+    """How many images show the pair's first object on the left and the second on the right."""
+    from sepen.toy.detect import regions
+
+    first = second = both = 0
+    for im in images:
+        found = regions(im)
+        a = object_side(found, pair[0], im.shape[1]) == "left"
+        b = object_side(found, pair[1], im.shape[1]) == "right"
+        first, second, both = first + a, second + b, both + (a and b)
+    return {"first_left": first, "second_right": second, "both": both, "n": len(images)}
+
+
+# ----------------------------------------------------------------------------- keys and maps
+
+
+def soft_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Overlap of two attention maps, each normalised to sum 1: sum(min) / sum(max)."""
+    a = np.asarray(a, np.float64) / max(float(np.sum(a)), 1e-12)
+    b = np.asarray(b, np.float64) / max(float(np.sum(b)), 1e-12)
+    return float(np.minimum(a, b).sum() / np.maximum(a, b).sum())
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+def key_cosine(pipe, prompt: str, positions) -> float:
+    """Mean over the UNet's cross-attention layers of the cosine similarity of the first two
+    concepts' keys (each concept's sub-token keys averaged) for `prompt`."""
+    from sepen.tokens import prompt_ids
+
+    with torch.no_grad():
+        hidden = pipe.text_encoder(prompt_ids(pipe.tokenizer, [prompt]))[0][0]
+        values = []
+        for name, module in pipe.unet.named_modules():
+            if name.endswith("attn2"):
+                keys = module.to_k(hidden)
+                a, b = (keys[list(p)].mean(0) for p in positions[:2])
+                values.append(cosine(a, b))
+    return float(np.mean(values))
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (None when either side is constant or too short)."""
+    from scipy.stats import spearmanr
+
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return float(spearmanr(x, y).statistic)
+
+
+# ----------------------------------------------------------------------------- the card
+
+
+def failing_objects(images: np.ndarray, named: Sequence[Sequence[str]]) -> dict[str, int]:
+    """Outcome counts of the named objects that were not found, over images."""
+    from sepen.toy.detect import FAILURES, object_outcome, regions
+
+    counts = dict.fromkeys(FAILURES, 0)
+    for im, names in zip(images, named):
+        found = regions(im)
+        for c in names:
+            outcome = object_outcome(c, names, found)
+            if outcome != "found":
+                counts[outcome] += 1
+    return counts
+
+
+def _success(rows) -> list[float]:
+    return [r["success"] for r in rows]
+
+
+def _pair_key(pair) -> str:
+    return " + ".join(pair)
+
+
+def card(config: dict, model: str, progress: bool = True) -> dict:
+    """Measure the world card of the toy base model at `model` (see the module doc)."""
+    from sepen.models import load_pipeline
+    from sepen.sample import attend_excite_pipeline, sample_attend_excite
+    from sepen.sampling import sample_with_maps
+    from sepen.stats import bootstrap_ci, paired_difference
+    from sepen.tokens import concept_token_positions
+    from sepen.toy.evaluate import generate, image_scores, prompt_kinds, rates, to_uint8
+    from sepen.toy.world import prepare_world, prompt_for
+
+    toy = prepare_world(config)
+    cc, sp = toy["card"], config["sampling"]
+    n, seed0 = cc["images_per_prompt"], cc["seed"]
+    seeds = list(range(seed0, seed0 + n))
+    pipe = load_pipeline(model)
+    desc = (lambda text: text) if progress else (lambda text: None)
+
+    def draw(concept_lists, label, seeds=seeds):
+        prompts = [prompt_for(c) for c in concept_lists for _ in seeds]
+        all_seeds = [s for _ in concept_lists for s in seeds]
+        return generate(
+            pipe,
+            prompts,
+            all_seeds,
+            sp["steps"],
+            sp["guidance_scale"],
+            sp["batch_size"],
+            desc(label),
+        )
+
+    out: dict = {"model": str(model), "seeds": [seed0, seed0 + n - 1], "success": {}}
+    per_prompt: dict = {}
+    rows_by_kind, images_by_kind = {}, {}
+    for kind, options in prompt_kinds(toy).items():
+        ims = draw(options, f"card: {kind}")
+        named = [list(c) for c in options for _ in seeds]
+        rows = image_scores(ims, named)
+        rows_by_kind[kind], images_by_kind[kind] = rows, ims
+        out["success"][kind] = rates(rows)["success"]
+        per_prompt[kind] = {
+            _pair_key(c): float(np.mean(_success(rows[i * n : (i + 1) * n])))
+            for i, c in enumerate(options)
+        }
+    out["per_prompt"] = per_prompt
+    held = toy["_held_out_pairs"]
+    held_named = [list(c) for c in held for _ in seeds]
+    out["taxonomy"] = {
+        kind: {k: v["mean"] for k, v in rates(rows).items() if k.startswith("fail_")}
+        for kind, rows in rows_by_kind.items()
+        if kind != "single"
+    }
+    failing = failing_objects(images_by_kind["held_out_pairs"], held_named)
+    total = sum(failing.values())
+    out["failing_objects"] = {
+        "counts": failing,
+        "missing_or_merged_share": (failing["missing"] + failing["merged"]) / total
+        if total
+        else None,
+    }
+
+    # steering: first object left, second right, against the same seeds unsteered
+    b = cc["steer_strength"]
+    steer_seeds = seeds[: cc["steer_images"]]
+    steering = []
+    for pair in held:
+        prompt = prompt_for(pair)
+        pos = concept_token_positions(pipe.tokenizer, prompt, pair)
+        plain = draw([pair], None, steer_seeds)
+
+        def bias(side, tokens, pos=pos):
+            return steering_bias(side, tokens, pos[0], pos[1], b)
+
+        with steered(pipe.unet, bias):
+            moved = draw([pair], None, steer_seeds)
+        steering.append(
+            {
+                "pair": _pair_key(pair),
+                "steered": steering_counts(moved, pair),
+                "unsteered": steering_counts(plain, pair),
+            }
+        )
+    n_steer = sum(s["steered"]["n"] for s in steering)
+
+    def pooled(which, key):
+        return sum(s[which][key] for s in steering) / n_steer
+
+    out["steering"] = {
+        "strength": b,
+        "images_per_pair": len(steer_seeds),
+        "per_pair": steering,
+        "first_left": {
+            "steered": pooled("steered", "first_left"),
+            "unsteered": pooled("unsteered", "first_left"),
+        },
+        "second_right": {
+            "steered": pooled("steered", "second_right"),
+            "unsteered": pooled("unsteered", "second_right"),
+        },
+    }
+
+    # keys and step-averaged maps per held-out pair, against the pair's failure rate
+    rows = []
+    for i, pair in enumerate(held):
+        prompt = prompt_for(pair)
+        pos = concept_token_positions(pipe.tokenizer, prompt, pair)
+        map_seeds = seeds[: cc["map_images"]]
+        _, maps = sample_with_maps(
+            pipe,
+            [prompt] * len(map_seeds),
+            [pos] * len(map_seeds),
+            map_seeds,
+            sp["steps"],
+            sp["guidance_scale"],
+            config["finetune"]["resolutions"],
+            sp["batch_size"],
+            config["finetune"]["token_aggregation"],
+        )
+        fails = 1.0 - np.mean(_success(rows_by_kind["held_out_pairs"][i * n : (i + 1) * n]))
+        rows.append(
+            {
+                "pair": _pair_key(pair),
+                "key_cosine": key_cosine(pipe, prompt, pos),
+                "map_iou": float(np.mean([soft_iou(m[0], m[1]) for m in maps])),
+                "failure_rate": float(fails),
+            }
+        )
+    fail = [r["failure_rate"] for r in rows]
+    out["keys_and_maps"] = {
+        "per_pair": rows,
+        "spearman_key_cosine_vs_failure": spearman([r["key_cosine"] for r in rows], fail),
+        "spearman_map_iou_vs_failure": spearman([r["map_iou"] for r in rows], fail),
+    }
+
+    # Attend-and-Excite at a grid of step sizes, on the held-out pairs' first seeds
+    ae = attend_excite_pipeline(pipe)
+    ae_seeds = seeds[: cc["attend_excite_images"]]
+    base_rows = [
+        r
+        for i in range(len(held))
+        for r in rows_by_kind["held_out_pairs"][i * n : i * n + len(ae_seeds)]
+    ]
+    grid = {}
+    for scale in cc["attend_excite_scales"]:
+        ae_cfg = {**config["evaluation"]["attend_excite"], "scale_factor": scale}
+        ims = []
+        for pair in held:
+            entry = {"prompt": prompt_for(pair), "concepts": list(pair)}
+            ims.append(to_uint8(sample_attend_excite(ae, entry, ae_seeds, sp, ae_cfg)))
+        ae_rows = image_scores(np.concatenate(ims), [list(c) for c in held for _ in ae_seeds])
+        grid[str(scale)] = {
+            "success": bootstrap_ci(_success(ae_rows)),
+            "minus_base": paired_difference(_success(ae_rows), _success(base_rows)),
+        }
+        log.info("A&E scale %s: held-out success %.3f", scale, grid[str(scale)]["success"]["mean"])
+    chosen = max(grid, key=lambda s: grid[s]["minus_base"]["mean"])
+    out["attend_excite"] = {
+        "images_per_pair": len(ae_seeds),
+        "base": bootstrap_ci(_success(base_rows)),
+        "scales": grid,
+        "chosen_scale": float(chosen),
+    }
+    out["criteria"] = criteria(out, cc)
+    return out
+
+
+def criteria(card: dict, cc: dict) -> dict:
+    """The world's acceptance criteria, each with its measured value and whether it holds."""
+    singles = card["per_prompt"]["single"]
+    steer = card["steering"]
+    need = cc["steer_min_rate"]
+    chosen = max(card["attend_excite"]["scales"].values(), key=lambda v: v["minus_base"]["mean"])
+    share = card["failing_objects"]["missing_or_merged_share"]
+    rows = {
+        "every_single_concept": (min(singles.values()), min(singles.values()) >= 0.95),
+        "held_out_pairs_at_most": (
+            card["success"]["held_out_pairs"]["mean"],
+            card["success"]["held_out_pairs"]["mean"] <= 0.55,
+        ),
+        "failing_objects_missing_or_merged": (share, share is not None and share >= 0.6),
+        "steering_first_object": (
+            steer["first_left"]["steered"],
+            steer["first_left"]["steered"] >= need,
+        ),
+        "steering_second_object": (
+            steer["second_right"]["steered"],
+            steer["second_right"]["steered"] >= need,
+        ),
+        "attend_excite_lift": (chosen["minus_base"]["mean"], chosen["minus_base"]["mean"] >= 0.10),
+    }
+    return {k: {"value": v, "holds": bool(ok)} for k, (v, ok) in rows.items()}
+
+
+def parse_args(argv=None):
+    p = step_parser("sepen toy card", __doc__.split("\n")[0], config_required=False)
+    p.add_argument("--model", required=True, type=Path, help="the toy base model folder")
+    p.add_argument("--out", type=Path, help=f"the card (default: <model>/{CARD_FILE})")
+    return p.parse_args(argv)
+
+
+def main(args) -> dict:
+    from sepen.atomic import write_json
+
+    config = load_config(args.config, args.set)
+    if not (args.model / "model_index.json").is_file():
+        raise SepenError(
+            f"--model {str(args.model)!r} is not a toy pipeline folder (no model_index.json): "
+            "give a folder made by `sepen toy pretrain`"
+        )
+    result = card(config, str(args.model))
+    write_json(args.out or args.model / CARD_FILE, result)
+    for name, row in result["criteria"].items():
+        value = row["value"]
+        shown = "-" if value is None else f"{value:.3f}"
+        log.info("%-36s %s  %s", name, shown, "holds" if row["holds"] else "fails")
+    return result
+
+
+def cli(argv=None) -> int:
+    args = parse_args(argv)
+    return run_step("sepen toy card", lambda: main(args))
