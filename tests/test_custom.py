@@ -368,6 +368,10 @@ def test_readme_fix_my_prompt_commands_run_on_the_tiny_model(tmp_path, tiny_mode
     shell, python = _readme_fix_block()
     # the block sets MODEL to Stable Diffusion; here it is the tiny model, offline
     shell = re.sub(r"(?m)^MODEL=.*$", f"MODEL={tiny_model}", shell)
+    # the random tiny model's keys need a larger step than SD's for its images to change
+    # visibly (at the paper's 2e-6 they move by one grey level at most)
+    shell = re.sub(r"(?m)^(sepen finetune .*)$", r"\1 --set finetune.learning_rate=1e-3", shell)
+    assert "--set finetune.learning_rate=1e-3" in shell
     for folder in ("config", "data"):
         os.symlink(ROOT / folder, tmp_path / folder)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
