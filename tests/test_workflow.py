@@ -240,7 +240,8 @@ def test_workflow_overhead_bench_times_the_no_op_and_the_joint_dag(smoke_run, tm
     opts = ["--configfile", "config/test/smoke.yaml", "--repeats", "1", "--json", str(out)]
     proc = run([*cmd, *opts], project)
     r = json.loads(out.read_text())
-    assert r["dag_jobs"] == 57  # sd14_joint: 1 finetune, 3 methods x 8 shards to sample and score
+    # sd14_joint: 1 finetune, 3 methods x 8 shards to sample and score, the report's landing text
+    assert r["dag_jobs"] == 58
     assert 0 < r["startup_s"] and r["noop_vs_startup"] == r["noop_s"] / r["startup_s"]
     assert f"{r['dag_s']:.2f}" in proc.stdout and "sd14_joint.yaml" in proc.stdout
     # a project whose run is not finished is refused before any of its jobs runs
