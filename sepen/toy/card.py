@@ -22,6 +22,7 @@ Writes `world_card.json` beside the model (or --out).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,6 +69,8 @@ class SteeringProcessor:
         self.bias, self.cond_only, self.inner = bias, cond_only, AttnProcessor2_0()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+        if attention_mask is not None:
+            raise SepenError("the steering test does not combine with an attention mask")
         batch, length = hidden_states.shape[0], hidden_states.shape[-2]
         if hidden_states.ndim == 4:
             length = hidden_states.shape[-1] * hidden_states.shape[-2]
@@ -77,28 +80,21 @@ class SteeringProcessor:
         mask = torch.zeros(batch, length, tokens, dtype=bias.dtype, device=bias.device)
         first = batch // 2 if self.cond_only else 0
         mask[first:] = bias
-        if attention_mask is not None:
-            raise SepenError("the steering test does not combine with an attention mask")
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask=mask, **kw)
 
 
+@contextlib.contextmanager
 def steered(unet, bias):
     """Context: every cross-attention layer (attn2) steered by `bias`; processors restored."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        original = dict(unet.attn_processors)
-        processors = {
-            k: (SteeringProcessor(bias) if ".attn2." in k else v) for k, v in original.items()
-        }
-        unet.set_attn_processor(processors)
-        try:
-            yield
-        finally:
-            unet.set_attn_processor(original)
-
-    return ctx()
+    original = dict(unet.attn_processors)
+    processors = {
+        k: (SteeringProcessor(bias) if ".attn2." in k else v) for k, v in original.items()
+    }
+    unet.set_attn_processor(processors)
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(original)
 
 
 def object_side(found, concept: str, width: int) -> str | None:
