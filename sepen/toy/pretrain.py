@@ -37,9 +37,16 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int, desc: str, enabled: bool, start: int = 0):
+    """Steps start..total-1 with a bar counting from `start` (a resumed run)."""
     return tqdm(
-        range(total), desc=desc, disable=not enabled, miniters=max(1, total // 100), mininterval=10
+        range(start, total),
+        initial=start,
+        total=total,
+        desc=desc,
+        disable=not enabled,
+        miniters=max(1, total // 100),
+        mininterval=10,
     )
 
 
@@ -143,15 +150,7 @@ def train_denoiser(run: Run, toy: dict, until: int, progress: bool, save=None) -
     unet.train()
     text_encoder.train()
     losses = run.losses
-    bar = tqdm(
-        range(run.step, until),
-        initial=run.step,
-        total=until,
-        desc="pretrain",
-        disable=not progress,
-        miniters=max(1, until // 100),
-        mininterval=10,
-    )
+    bar = _progress(until, "pretrain", progress, start=run.step)
     store, weight = None, pre["grounding"]
     if weight > 0:  # attention grounding (TokenCompose-style): each object's cells attend its token
         from sepen.attention import install_capture
