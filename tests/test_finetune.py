@@ -97,6 +97,34 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(config, tmp_path, 
         assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5]
 
 
+def test_a_changed_finetuning_key_discards_the_old_checkpoints(config, tmp_path, caplog):
+    """The README's "a changed config key" row for finetuning, in real runs: checkpoints of
+    another learning rate are removed and the run starts from step 0, to the same delta as a
+    fresh run; a bookkeeping key (the checkpoint interval) keeps them."""
+    caplog.set_level("INFO")
+    first = config(steps=5, checkpointing_steps=2)
+    _run("--config", first, "--out", tmp_path / "b.safetensors", "--stop-after", 3)
+    state = tmp_path / "b.state"
+    assert [p.name for p in state.glob("checkpoint-*")] == ["checkpoint-2"]
+    _run(
+        "--config", config(steps=5, checkpointing_steps=3), "--out", tmp_path / "k.safetensors",
+        "--output-dir", state, "--resume", "latest", "--stop-after", 3,
+    )  # fmt: skip
+    assert "resuming from" in caplog.text and "checkpoint-2 (step 2)" in caplog.text
+    assert not (tmp_path / "k.safetensors").exists()
+    caplog.clear()
+    other = config(steps=5, checkpointing_steps=2, learning_rate=1e-3)
+    resumed = _run("--config", other, "--out", tmp_path / "b.safetensors", "--resume", "latest")
+    assert "from other settings: starting from step 0" in caplog.text
+    assert "resuming" not in caplog.text
+    fresh = _run("--config", other, "--out", tmp_path / "c.safetensors")
+    a, b = load_file(str(resumed)), load_file(str(fresh))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    with open(state / "losses.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in state.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
 def test_checkpoint_total_limit_keeps_the_newest(config, tmp_path):
     _run(
         "--config",

@@ -69,6 +69,21 @@ def test_sample_writes_every_image_and_a_rerun_generates_only_the_missing_ones(t
     assert _sample(toy_setup)["generated"] == 0
 
 
+def test_images_made_with_other_sampling_settings_are_drawn_again(toy_setup):
+    """The README's "a changed config key" row for sampling: a key the images depend on
+    discards the kept images of the shard; a key they do not depend on keeps them."""
+    paths = [im["path"] for im in _sample(toy_setup)["images"]]
+    kept = {p: open(p, "rb").read() for p in paths}
+    batch = _sample(toy_setup, extra=["--set", "sampling.batch_size=1"])
+    assert (batch["generated"], batch["reused"]) == (0, 4)
+    changed = _sample(toy_setup, extra=["--set", "sampling.guidance_scale=7.0"])
+    assert (changed["generated"], changed["reused"]) == (4, 0)
+    assert all(open(p, "rb").read() != kept[p] for p in paths)
+    again = _sample(toy_setup)  # back to the first settings: drawn again, equal to the first
+    assert again["generated"] == 4
+    assert {p: open(p, "rb").read() for p in paths} == kept
+
+
 def test_attend_excite_baseline_samples_with_the_token_mappers_indices(toy_setup):
     extra = ["--set", "evaluation.methods=[base, attend_excite]"]
     ae = _sample(toy_setup, "attend_excite", extra)
