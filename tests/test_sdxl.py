@@ -69,11 +69,26 @@ def test_conditioning_concatenates_both_encoders_and_adds_pooled_and_time_ids(xl
     assert x.emb.shape == (2, 77, 64)  # 32 + 32: the two encoders' hidden states side by side
     assert x.added["text_embeds"].shape == (2, 32)
     assert x.added["time_ids"].tolist() == [[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]] * 2
-    emb, _, pooled, _ = xl.encode_prompt(
-        ["a photo of a cat and a dog"], device="cpu", do_classifier_free_guidance=False
-    )
-    assert torch.allclose(emb[0], x.emb[0], atol=1e-6)
-    assert torch.allclose(pooled[0], x.added["text_embeds"][0], atol=1e-6)
+    # computed here from the two encoders, as SDXL was trained: each encoder's penultimate
+    # hidden states side by side, and the second encoder's projected pooled output
+    hidden = []
+    with torch.no_grad():
+        for tokenizer, encoder in (
+            (xl.tokenizer, xl.text_encoder),
+            (xl.tokenizer_2, xl.text_encoder_2),
+        ):
+            ids = tokenizer(
+                "a photo of a cat and a dog",
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2][0])
+    assert torch.allclose(torch.cat(hidden, -1), x.emb[0], atol=1e-6)
+    assert torch.allclose(out.text_embeds[0], x.added["text_embeds"][0], atol=1e-6)
+    assert not torch.allclose(out.last_hidden_state[0], hidden[1], atol=1e-3)  # not the last
 
 
 def test_capture_equals_diffusers_processor_on_sdxl(xl):
@@ -119,6 +134,7 @@ def test_gradient_reaches_only_the_trained_keys_and_the_norm_loss_is_the_key_swa
     with torch.no_grad():  # move the keys away from the originals, as training does
         for p in params.values():
             p.add_(0.5 * torch.randn_like(p))
+    moved = {n: p.detach().clone() for n, p in params.items()}
     x = _inputs(xl, single=True)
     objective = SepenObjective(unet, store, originals=originals)
     parts = objective(x)
@@ -135,11 +151,15 @@ def test_gradient_reaches_only_the_trained_keys_and_the_norm_loss_is_the_key_swa
         expected = pred - frozen(noisy, t, emb, added_cond_kwargs=x.single_added).sample
         store.enabled = True
     assert parts["norm"].item() == pytest.approx(expected.pow(2).mean().item(), rel=1e-4)
-    assert all(torch.equal(p, dict(unet.named_parameters())[n]) for n, p in params.items())
+    # after the swap the UNet holds the moved keys again (copies taken before the step)
+    now = dict(unet.named_parameters())
+    assert all(torch.equal(now[n], moved[n]) for n in params)
+    assert all(not torch.equal(moved[n], originals[n]) for n in params)
 
 
-def test_sdxl_finetune_and_delta_round_trip(tiny_sdxl, tmp_path):
+def test_sdxl_finetune_and_delta_round_trip(tiny_sdxl, tmp_path, monkeypatch):
     from accelerate.state import AcceleratorState
+    from safetensors.torch import load_file
 
     from sepen.delta import apply_delta
     from sepen.finetune import main, parse_args
@@ -162,6 +182,16 @@ def test_sdxl_finetune_and_delta_round_trip(tiny_sdxl, tmp_path):
             }
         )
     )
+    import sepen.finetune
+
+    trained = {}  # the trained parameters as the loop leaves them, copied before any saving
+    agree = sepen.finetune.check_ranks_agree
+
+    def keep(accelerator, params):
+        trained.update({n.removeprefix("module."): p.detach().clone() for n, p in params.items()})
+        return agree(accelerator, params)
+
+    monkeypatch.setattr(sepen.finetune, "check_ranks_agree", keep)
     AcceleratorState._reset_state(reset_partial_state=True)
     delta = main(
         parse_args(["--config", str(cfg), "--out", str(tmp_path / "d.safetensors"), "--cpu"])
@@ -169,19 +199,23 @@ def test_sdxl_finetune_and_delta_round_trip(tiny_sdxl, tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     with open(tmp_path / "d.state" / "losses.csv") as f:
         assert len(f.read().splitlines()) == 3  # header + 2 steps
-    a = load_pipeline(tiny_sdxl)
+    a, b = load_pipeline(tiny_sdxl), load_pipeline(tiny_sdxl)
+    base = {n: p.detach().clone() for n, p in b.unet.named_parameters()}
     apply_delta(a, delta)
-    b = load_pipeline(tiny_sdxl)
-    base = sample(b, ["a photo of a cat and a dog"], [0], 2, 5.0, 1)
-    from safetensors.torch import load_file
-
+    applied = dict(a.unet.named_parameters())
+    assert set(load_file(str(delta))) == set(trained) and trained
+    assert all(n.endswith("attn2.to_k.weight") for n in trained)
+    for n, p in applied.items():  # the trained keys exactly, every other weight untouched
+        assert torch.equal(p, trained[n] if n in trained else base[n]), n
+    assert all(not torch.equal(trained[n], base[n]) for n in trained)
+    before = sample(b, ["a photo of a cat and a dog"], [0], 2, 5.0, 1)
     params = dict(b.unet.named_parameters())
     with torch.no_grad():
-        for n, v in load_file(str(delta)).items():
+        for n, v in trained.items():
             params[n].copy_(v)
     images = [sample(p, ["a photo of a cat and a dog"], [0], 2, 5.0, 1) for p in (a, b)]
     assert np.abs(images[0] - images[1]).max() <= 1e-5
-    assert np.abs(images[0] - base).max() > 0  # the delta changed the keys
+    assert np.abs(images[0] - before).max() > 0  # the delta changed the images
 
 
 def test_attend_and_excite_is_refused_for_sdxl(xl):
