@@ -131,12 +131,13 @@ def generate(args: argparse.Namespace) -> dict:
             return sample(pipe, prompts_, seeds_, steps, guidance, len(chunk))
 
         draw_and_save(
-            group_by(todo, lambda item: chosen[item[0]]),
+            group_by(items, lambda item: chosen[item[0]]),
             draw,
             lambda item: image_path(args.out, slugify(item[0]), item[1]),
             sp["batch_size"],
             "generate",
             DeltaSwitcher(pipe),
+            missing=set(todo),
         )
     manifest = {
         "model": model,

@@ -1,8 +1,12 @@
 """`sepen sample`: images of one method for one shard of the plan's prompts, resumable.
 
 Image (prompt p, seed s) goes to `<images-dir>/<p>/seed-<s>.png`, written atomically; images
-already there are kept, so an interrupted shard re-run generates only the missing ones. The
-shard's manifest (JSON) lists every image and how many were generated in this run.
+already there are kept, so an interrupted shard re-run generates only the missing ones. Images
+are drawn in fixed batches (the shard's items in order, `sampling.batch_size` at a time), and a
+re-run draws every batch that holds a missing image whole: each image comes from the same batch
+as in an uninterrupted run, so the pixels are the same (a batch's size and neighbours change
+the arithmetic of a device's kernels). The shard's manifest (JSON) lists every image, how many
+were generated (written) in this run, how many were kept (`reused`) and how many were drawn.
 """
 
 from __future__ import annotations
@@ -259,22 +263,38 @@ def delta_for(plan: dict, method: str, prompt_id: str, model_dir: Path | None) -
     return Path(model_dir) / f"{model}.safetensors"
 
 
-def draw_and_save(groups: dict, draw, path_of, batch_size: int, desc: str, switcher=None) -> None:
-    """Draw every item of `groups` ({key: [item]}) in batches and save each image.
+def draw_and_save(
+    groups: dict, draw, path_of, batch_size: int, desc: str, switcher=None, missing=None
+) -> int:
+    """Draw the items of `groups` ({key: [item]}) in batches and save each image; returns how
+    many images were drawn.
+
+    The batches are fixed: each group's items in order, `batch_size` at a time, whatever is
+    already on disk. An image's batch (its neighbours and the batch size), and so its exact
+    pixels on any device, is the same in a resumed run as in an uninterrupted one. With
+    `missing` (a set of items), only the batches holding a missing item are drawn, whole, and
+    only the missing images are saved; finished images are never rewritten.
 
     With a `switcher` (DeltaSwitcher), each group's key is the delta its items are drawn with;
     `draw(chunk)` gives the chunk's images, `path_of(item)` an image's path.
     """
-    bar = tqdm(total=sum(len(g) for g in groups.values()), desc=desc, mininterval=10)
-    for key, group in groups.items():
+    chunks = [
+        (key, group[lo : lo + batch_size])
+        for key, group in groups.items()
+        for lo in range(0, len(group), batch_size)
+    ]
+    if missing is not None:
+        chunks = [(key, chunk) for key, chunk in chunks if any(i in missing for i in chunk)]
+    bar = tqdm(total=sum(len(chunk) for _, chunk in chunks), desc=desc, mininterval=10)
+    for key, chunk in chunks:
         if switcher is not None:
             switcher.use(key)
-        for lo in range(0, len(group), batch_size):
-            chunk = group[lo : lo + batch_size]
-            for item, image in zip(chunk, draw(chunk)):
+        for item, image in zip(chunk, draw(chunk)):
+            if missing is None or item in missing:
                 save_png(image, path_of(item))
-            bar.update(len(chunk))
+        bar.update(len(chunk))
     bar.close()
+    return sum(len(chunk) for _, chunk in chunks)
 
 
 def prompts_by_delta(plan: dict, method: str, ids, model_dir: Path | None) -> dict:
@@ -317,6 +337,7 @@ def run(args: argparse.Namespace) -> dict:
         len(items) - len(todo),
         len(todo),
     )
+    drawn = 0
     if todo:
         from sepen.models import load_pipeline
         from sepen.sampling import sample
@@ -328,7 +349,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.method == "attend_excite":  # one prompt per call: its token indices
             ae = attend_excite_pipeline(pipe)
             ae_cfg = config["evaluation"]["attend_excite"]
-            groups = group_by(todo, lambda item: item[0])
+            groups = group_by(items, lambda item: item[0])
 
             def draw(chunk):
                 entry = plan["prompts"][chunk[0][0]]
@@ -336,20 +357,21 @@ def run(args: argparse.Namespace) -> dict:
 
         else:  # one delta at a time (per-pair models), prompts batched across
             switcher = DeltaSwitcher(pipe)
-            groups = group_by(todo, lambda item: deltas[item[0]])
+            groups = group_by(items, lambda item: deltas[item[0]])
 
             def draw(chunk):
                 prompts = [plan["prompts"][pid]["prompt"] for pid, _ in chunk]
                 seeds = [s for _, s in chunk]
                 return sample(pipe, prompts, seeds, sp["steps"], sp["guidance_scale"], len(chunk))
 
-        draw_and_save(
+        drawn = draw_and_save(
             groups,
             draw,
             lambda item: image_path(images_dir, *item),
             sp["batch_size"],
             f"sampling {args.method}",
             switcher,
+            missing=set(todo),
         )
     manifest = {
         "method": args.method,
@@ -358,6 +380,7 @@ def run(args: argparse.Namespace) -> dict:
         "images_dir": str(images_dir),
         "generated": len(todo),
         "reused": len(items) - len(todo),
+        "drawn": drawn,
         "images": [
             {"prompt_id": pid, "seed": s, "path": str(image_path(images_dir, pid, s))}
             for pid, s in items
