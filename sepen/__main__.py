@@ -16,6 +16,7 @@ STEPS = {
     "report": ("sepen.report", "the report's tables and figures"),
     "generate": ("sepen.generate", "images of your prompts with a base model and SepEn deltas"),
     "export-lora": ("sepen.lora", "a delta as a LoRA file for diffusers, ComfyUI, AUTOMATIC1111"),
+    "lora-rank": ("sepen.lora:rank_cli", "the LoRA rank a delta's key change needs"),
     "models": ("sepen.models.required", "every model a config needs: present or missing"),
     "tiny-model": ("sepen.models.tiny", "save a tiny random SD-architecture pipeline"),
     "toy": ("sepen.toy.cli", "the toy world: pretrain, evaluate, premise, study"),

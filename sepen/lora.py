@@ -8,8 +8,18 @@ folded into the up factor). Formats:
 
 - `diffusers`: PEFT keys `unet.<module>.lora_A.weight` (down) and `.lora_B.weight` (up), for
   `pipe.load_lora_weights(FILE)` on a stock pipeline;
-- `kohya`: `lora_unet_<module with _ for .>.lora_down.weight`, `.lora_up.weight` and `.alpha`
-  (= rank, so the scale is 1), the names ComfyUI and AUTOMATIC1111 read.
+- `kohya`: `lora_unet_<module with _ for .>.lora_down.weight`, `.lora_up.weight` and `.alpha`,
+  the names ComfyUI and AUTOMATIC1111 read; a reader scales each layer by alpha / its rank.
+
+The rank is one number for every layer (capped by the smallest layer's full rank), or `full`:
+each layer at its own full rank, min(out, in) of its key projection (a LoRA delta: its own
+rank), so that the file is exact on models whose attention layers have different widths. Both
+formats carry each layer's rank in its factors' shapes (diffusers builds PEFT's rank pattern
+from them). kohya's alpha is the same in every layer, the smallest rank (= the rank when all
+are equal, a scale of 1), and a layer of a higher rank r carries r / alpha in its up factor:
+diffusers' kohya loader (0.42) applies the most common alpha to every layer (its per-layer
+alpha pattern does not reach the UNet's modules), so a per-layer alpha would scale the other
+layers wrongly there (measured: a rank-48 layer by 32/48).
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from sepen.errors import SepenError
 
 log = logging.getLogger("sepen.lora")
 FORMATS = ("diffusers", "kohya")
+FULL = "full"
 
 
 def weight_changes(
@@ -74,34 +85,67 @@ def factorise(change: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tens
     return down, up, error
 
 
+def rank_for(singular: torch.Tensor, error: float) -> int:
+    """The smallest rank whose truncated SVD keeps the relative Frobenius error of a change
+    with these singular values at or below `error` (0 for a zero change)."""
+    energy = singular.double().pow(2)
+    total = float(energy.sum())
+    if total == 0:
+        return 0
+    tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
+    return int(torch.nonzero((tail / total).sqrt() <= error)[0])
+
+
+def ranks_needed(changes: dict[str, torch.Tensor], errors) -> dict[str, dict[float, int]]:
+    """Per layer: the rank each relative error in `errors` needs."""
+    out = {}
+    for module, change in changes.items():
+        s = torch.linalg.svdvals(change)
+        out[module] = {e: rank_for(s, e) for e in errors}
+    return out
+
+
 def kohya_name(module: str) -> str:
     """The kohya / ComfyUI / AUTOMATIC1111 name of a diffusers UNet module."""
     return "lora_unet_" + module.replace(".", "_")
 
 
-def lora_state(
-    changes: dict[str, torch.Tensor], rank: int, fmt: str
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """The LoRA file's tensors (float32) and each layer's relative error."""
-    if fmt not in FORMATS:
-        raise SepenError(f"format {fmt!r} is not one of {list(FORMATS)}")
+def layer_ranks(
+    changes: dict[str, torch.Tensor], rank: int | str, lora_rank: int | None = None
+) -> dict[str, int]:
+    """Each layer's rank: `rank` for all, or with 'full' each layer's own full rank (at most
+    a LoRA delta's rank `lora_rank`)."""
+    if rank == FULL:
+        cap = lora_rank or max(max(c.shape) for c in changes.values())
+        return {m: min(*c.shape, cap) for m, c in changes.items()}
     limit = min(min(c.shape) for c in changes.values())
     if not 1 <= rank <= limit:
         raise SepenError(
             f"rank {rank} is outside 1..{limit} (the smallest trained layer's full rank): "
-            f"choose a rank in that range"
+            f"choose a rank in that range, or --rank full (each layer at its own full rank)"
         )
+    return dict.fromkeys(changes, rank)
+
+
+def lora_state(
+    changes: dict[str, torch.Tensor], ranks: dict[str, int], fmt: str
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The LoRA file's tensors (float32) and each layer's relative error, each layer at its
+    rank in `ranks` (see `layer_ranks`)."""
+    if fmt not in FORMATS:
+        raise SepenError(f"format {fmt!r} is not one of {list(FORMATS)}")
     tensors, errors = {}, {}
+    alpha = min(ranks.values())  # kohya: one alpha for every layer (see the module's text)
     for module, change in changes.items():
-        down, up, errors[module] = factorise(change, rank)
+        down, up, errors[module] = factorise(change, ranks[module])
         if fmt == "diffusers":
             tensors[f"unet.{module}.lora_A.weight"] = down.float().contiguous()
             tensors[f"unet.{module}.lora_B.weight"] = up.float().contiguous()
         else:
             name = kohya_name(module)
             tensors[f"{name}.lora_down.weight"] = down.float().contiguous()
-            tensors[f"{name}.lora_up.weight"] = up.float().contiguous()
-            tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+            tensors[f"{name}.lora_up.weight"] = (up * ranks[module] / alpha).float().contiguous()
+            tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
     return tensors, errors
 
 
@@ -113,29 +157,38 @@ def overall_error(changes: dict[str, torch.Tensor], errors: dict[str, float]) ->
 
 
 def export_lora(
-    delta: str | Path, out: str | Path, rank: int | None, fmt: str, model: str | None = None
+    delta: str | Path,
+    out: str | Path,
+    rank: int | str | None,
+    fmt: str,
+    model: str | None = None,
 ) -> dict:
-    """Write the LoRA file; returns its report (rank, errors per layer and overall)."""
+    """Write the LoRA file; returns its report (rank, each layer's rank, errors per layer and
+    overall). `rank`: a number for every layer, 'full', or None (a LoRA delta's own rank)."""
     from sepen.delta import write_safetensors
 
     if fmt not in FORMATS:
         raise SepenError(f"format {fmt!r} is not one of {list(FORMATS)}")
-    if rank is not None and rank < 1:
-        raise SepenError(f"rank {rank} must be at least 1")
+    if rank != FULL and rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise SepenError(f"rank {rank!r} must be a number of at least 1 or {FULL!r}")
     changes, meta, lora_rank = weight_changes(delta, model)
     if not changes:
         raise SepenError(f"delta {str(delta)!r} holds no trained layer to export")
     if rank is None:
         if lora_rank is None:
-            raise SepenError("a delta of full key weights needs --rank (e.g. 16, or the full rank)")
+            raise SepenError(
+                "a delta of full key weights needs --rank (e.g. 16, or full for an exact file)"
+            )
         rank = lora_rank
-    if lora_rank is not None and rank > lora_rank:
+    if lora_rank is not None and rank != FULL and rank > lora_rank:
         raise SepenError(
             f"rank {rank} is above the LoRA delta's rank {lora_rank}: choose at most {lora_rank}"
         )
-    tensors, errors = lora_state(changes, rank, fmt)
+    ranks = layer_ranks(changes, rank, lora_rank)
+    tensors, errors = lora_state(changes, ranks, fmt)
     report = {
         "rank": rank,
+        "ranks": ranks,
         "format": fmt,
         "base_model": meta.get("base_model", ""),
         "relative_error": {"overall": overall_error(changes, errors), "layers": errors},
@@ -145,20 +198,44 @@ def export_lora(
         "source_delta": Path(delta).name,
         "base_model": report["base_model"],
         "rank": str(rank),
+        "ranks": json.dumps(ranks),
         "relative_error": json.dumps(report["relative_error"]),
     }
     write_safetensors(out, tensors, metadata)
     return report
 
 
+def _rank(text: str) -> int | str:
+    if text == FULL:
+        return FULL
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a rank: give a number (e.g. 16) or {FULL!r}"
+        ) from None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sepen export-lora", description=__doc__.split("\n")[0])
     p.add_argument("delta", type=Path, help="a delta of `sepen finetune`")
-    p.add_argument("--rank", type=int, help="LoRA rank (a LoRA delta: its own by default)")
+    p.add_argument(
+        "--rank",
+        type=_rank,
+        help="LoRA rank of every layer, or 'full': each layer at its own full rank, exact "
+        "(a LoRA delta: its own rank by default)",
+    )
     p.add_argument("--format", choices=FORMATS, default="diffusers")
     p.add_argument("--model", help="the delta's base model (default: the one it names)")
     p.add_argument("--out", type=Path, required=True, help="the LoRA file (.safetensors)")
     return p.parse_args(argv)
+
+
+def _shown(report: dict) -> str:
+    ranks = sorted(set(report["ranks"].values()))
+    if report["rank"] != FULL:
+        return str(report["rank"])
+    return f"full: {ranks[0]}" if len(ranks) == 1 else f"full: {ranks[0]}-{ranks[-1]} by layer"
 
 
 def cli(argv=None) -> int:
@@ -172,9 +249,44 @@ def cli(argv=None) -> int:
         for module, value in err["layers"].items():
             log.info("%s: relative error %.3g", module, value)
         print(
-            f"wrote {args.out} ({args.format}, rank {report['rank']}, "
+            f"wrote {args.out} ({args.format}, rank {_shown(report)}, "
             f"{len(err['layers'])} layers): relative error of the weight change "
             f"{err['overall']:.3g} overall"
         )
 
     return run_step("sepen export-lora", body)
+
+
+def rank_cli(argv=None) -> int:
+    """`sepen lora-rank DELTA...`: the LoRA rank each delta's key change needs."""
+    from sepen.command import run_step
+
+    p = argparse.ArgumentParser(
+        prog="sepen lora-rank",
+        description="the LoRA rank a delta's key change needs: per relative error, the rank "
+        "that keeps every layer within it (and the median layer's), from the singular values",
+    )
+    p.add_argument("deltas", type=Path, nargs="+", help="deltas of `sepen finetune`")
+    p.add_argument("--model", help="the deltas' base model (default: the one each names)")
+    p.add_argument(
+        "--errors", type=float, nargs="+", default=[0.01, 0.05, 0.1], help="relative errors"
+    )
+    args = p.parse_args(argv)
+
+    def body():
+        bad = [e for e in args.errors if not 0 <= e < 1]
+        if bad:
+            raise SepenError(f"--errors {bad} must lie in [0, 1): e.g. 0.01 for 1%")
+        for delta in args.deltas:
+            changes, _, _ = weight_changes(delta, args.model)
+            if not changes:
+                raise SepenError(f"delta {str(delta)!r} holds no trained layer")
+            needed = ranks_needed(changes, args.errors)
+            full = sorted({min(c.shape) for c in changes.values()})
+            parts = []
+            for e in args.errors:
+                ranks = sorted(n[e] for n in needed.values())
+                parts.append(f"{e:g}: rank {ranks[-1]} (median layer {ranks[len(ranks) // 2]})")
+            print(f"{delta}: " + ", ".join(parts) + f"; full ranks {full}")
+
+    return run_step("sepen lora-rank", body)

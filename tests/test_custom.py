@@ -197,21 +197,61 @@ def _images(pipe, seed=0):
     return sample(pipe, ["a photo of a cat and a dog"], [seed], 2, 6.0, 1)
 
 
-def test_full_rank_lora_loads_in_diffusers_and_draws_what_the_delta_draws(tmp_path, sd, tiny_model):
-    from sepen.lora import export_lora
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    """A tiny SD 1.x layout whose key projections have two widths, 32 x 48 and 64 x 48 (full
+    ranks 32 and 48), as SD 1.4's 320/640/1280 x 768 layers have three (320, 640, 768)."""
+    from sepen.models import save_tiny_pipeline
+
+    path = tmp_path_factory.mktemp("models") / "tiny-wide"
+    return save_tiny_pipeline(path, seed=0, cross_attention_dim=48)
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_a_full_rank_lora_read_by_diffusers_draws_what_the_delta_draws(tmp_path, wide_model, fmt):
+    """`--rank full` gives each layer its own full rank, so the file is exact where one rank
+    for all layers cannot be; diffusers' own loader (`load_lora_weights`, which converts kohya
+    files itself) draws with it what the delta draws."""
+    from sepen.lora import cli as export
     from sepen.models import load_pipeline
 
-    delta = _delta(tmp_path, sd, ["cat", "dog"])
-    full = min(min(p.shape) for n, p in sd.unet.named_parameters() if "attn2.to_k" in n)
-    report = export_lora(delta, tmp_path / "l.safetensors", full, "diffusers")
+    pipe = load_pipeline(wide_model)
+    delta = _delta(tmp_path, pipe, ["cat", "dog"])
+    out = tmp_path / f"{fmt}.safetensors"
+    assert export([str(delta), "--rank", "full", "--format", fmt, "--out", str(out)]) == 0
+    from sepen.lora import export_lora
+
+    report = export_lora(delta, out, "full", fmt)
+    assert sorted(set(report["ranks"].values())) == [32, 48]
     assert report["relative_error"]["overall"] < 1e-6
-    with_delta = load_pipeline(tiny_model)
+    capped = export_lora(delta, tmp_path / "capped.safetensors", 32, fmt)  # one rank for all
+    assert max(capped["relative_error"]["layers"].values()) > 0.05  # the 64-wide layer
+    with_delta = load_pipeline(wide_model)
     apply_delta(with_delta, delta)
-    with_lora = load_pipeline(tiny_model)
-    with_lora.load_lora_weights(str(tmp_path / "l.safetensors"))  # a stock pipeline
+    with_lora = load_pipeline(wide_model)
+    with_lora.load_lora_weights(str(out))  # a stock pipeline
     a, b = _images(with_delta), _images(with_lora)
     assert np.abs(a - b).max() < 1e-4
-    assert np.abs(a - _images(load_pipeline(tiny_model))).max() > 1e-3  # the delta does act
+    assert np.abs(a - _images(load_pipeline(wide_model))).max() > 1e-3  # the delta does act
+
+
+def test_rank_for_reads_the_error_off_the_singular_values(tmp_path, sd, capsys):
+    from sepen.lora import rank_cli, rank_for, ranks_needed
+
+    s = torch.tensor([3.0, 2.0, 1.0, 0.0])  # error at rank r: sqrt(sum_{i>=r} s_i^2 / 14)
+    assert [rank_for(s, e) for e in (0.0, 0.2, 0.3, 0.59, 0.6, 1.0)] == [3, 3, 2, 2, 1, 0]
+    assert rank_for(torch.zeros(3), 0.01) == 0
+    g = torch.Generator().manual_seed(0)
+    change = sum(
+        w * torch.randn(40, 1, generator=g) @ torch.randn(1, 30, generator=g) for w in (5, 1)
+    )
+    assert ranks_needed({"layer": change.double()}, [1e-5, 0.5]) == {"layer": {1e-5: 2, 0.5: 1}}
+    delta = _delta(tmp_path, sd, ["cat", "dog"])
+    assert rank_cli([str(delta), "--errors", "0.01", "0.5"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{delta}: 0.01: rank ") and line.endswith("; full ranks [32]")
+    assert rank_cli([str(delta), "--errors", "5"]) == 2
+    assert "--errors [5.0] must lie in [0, 1)" in capsys.readouterr().err
 
 
 def test_lower_rank_errors_match_a_recomputation_and_kohya_names_round_trip(tmp_path, sd):
@@ -257,6 +297,17 @@ def test_lower_rank_errors_match_a_recomputation_and_kohya_names_round_trip(tmp_
     assert report["relative_error"]["overall"] == pytest.approx((sq_err / sq_all) ** 0.5, rel=1e-6)
     assert json.loads(meta["relative_error"]) == report["relative_error"]
     assert 0 < report["relative_error"]["overall"] < 1
+    # diffusers' own loader reads the kohya file as the diffusers one: the same rank-3 change
+    from sepen.models import load_pipeline
+
+    export_lora(delta, tmp_path / "d.safetensors", 3, "diffusers")
+    drawn = []
+    for name in ("k", "d"):
+        pipe = load_pipeline(sd.name_or_path)
+        pipe.load_lora_weights(str(tmp_path / f"{name}.safetensors"))
+        drawn.append(_images(pipe))
+    assert np.abs(drawn[0] - drawn[1]).max() < 1e-4
+    assert np.abs(drawn[0] - _images(load_pipeline(sd.name_or_path))).max() > 1e-3
 
 
 def test_a_lora_delta_is_converted_directly(tmp_path, sd, tiny_model):
@@ -297,6 +348,7 @@ def test_export_lora_bad_inputs_get_one_line(tmp_path, sd, capsys):
         (["--rank", "4096"], "rank 4096 is outside 1.."),
         (["--rank", "4", "--model", "CompVis/stable-diffusion-v1-4"], "was trained on base model"),
         (["--rank", "4", "--format", "comfy"], "invalid choice: 'comfy'"),
+        (["--rank", "many"], "'many' is not a rank: give a number (e.g. 16) or 'full'"),
     ]
     for extra, message in cases:
         try:
