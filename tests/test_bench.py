@@ -19,6 +19,7 @@ def _load(name):
     return module
 
 
+@pytest.mark.slow
 def test_gpu_script_runs_at_tiny_size_on_cpu_and_reports_measured_ratios(tmp_path):
     env = {**os.environ, "SEPEN_BENCH_OUT": str(tmp_path)}
     proc = subprocess.run(

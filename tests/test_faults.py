@@ -1,6 +1,7 @@
 """Faults and bad input: a save cut short, a diverging run, file modes, debris, and every
 step's bad inputs (exit status 2, one line naming the value and the fix, nothing written)."""
 
+import csv
 import json
 import os
 import stat
@@ -122,6 +123,40 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_no_non_finite_checkpoint(
     assert not out.exists()
     for folder in (setup["dir"] / "d.state").glob("checkpoint-*"):
         assert checkpoint_problem(folder) is None  # every kept checkpoint is finite
+
+
+def test_a_run_that_diverges_after_a_checkpoint_keeps_that_checkpoint_and_resumes_from_it(
+    setup, monkeypatch
+):
+    """Weights made non-finite by the 3rd optimizer step (injected): the run stops at step 3,
+    before any later save; checkpoint-2, the last finite one, stays and a resume starts there."""
+    from sepen.errors import SepenError
+
+    real, calls = torch.optim.AdamW.step, []
+
+    def poisoned(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    out = setup["dir"] / "d.safetensors"
+    with pytest.raises(SepenError, match="diverged at step 3: the trained weights are not finite"):
+        _finetune(setup, out)
+    state = setup["dir"] / "d.state"
+    assert [p.name for p in state.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert checkpoint_problem(state / "checkpoint-2") is None and not out.exists()
+    assert not list(state.glob(".checkpoint-*"))
+    monkeypatch.setattr(torch.optim.AdamW, "step", real)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert _finetune(setup, out, "--resume", "latest") == out
+    with open(state / "losses.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5, 6]
 
 
 # ---------------------------------------------------------------- 3. file modes
@@ -308,33 +343,36 @@ def _bad(setup, case):
     raise AssertionError(case)
 
 
-CASES = [
-    "prompts: missing concepts file",
-    "prompts: concepts file of another kind",
-    "prompts: an empty prompt set",
-    "finetune: missing plan",
-    "finetune: plan of another kind",
-    "finetune: unknown model id",
-    "sample: missing plan",
-    "sample: plan that is not JSON",
-    "sample: missing delta",
-    "sample: corrupt delta",
-    "sample: pickled delta",
-    "sample: delta of another base model",
-    "metrics: missing manifest",
-    "metrics: manifest of another kind",
-    "metrics: missing image",
-    "metrics: corrupt PNG",
-    "aggregate: missing metrics file",
-    "aggregate: metrics file that is not JSON",
-    "fid: missing reference folder",
-    "report: missing metrics file",
-    "report: metrics file of another kind",
-    "report: taxonomy without the toy detector's metrics",
-    "premise: missing plan",
-    "premise: missing deltas",
-]
-FIXES = ("run `", "give ", "re-run `", "write it again", "use ", "sample it with", "set ")
+# each case and the fix its one line must name (the step that writes the file, the option or
+# the key to give)
+CASES = {
+    "prompts: missing concepts file": "run `sepen concepts` first",
+    "prompts: concepts file of another kind": "give the file `sepen concepts` writes",
+    "prompts: an empty prompt set": "give it prompts or leave it out of the file",
+    "finetune: missing plan": "run `sepen prompts` first",
+    "finetune: plan of another kind": "give the file `sepen prompts` writes",
+    "finetune: unknown model id": "give one of its models ['joint']",
+    "sample: missing plan": "run `sepen prompts` first",
+    "sample: plan that is not JSON": "write it again with `sepen prompts`",
+    "sample: missing delta": "run `sepen finetune` for them",
+    "sample: corrupt delta": "write it again with `sepen finetune`",
+    "sample: pickled delta": "write it again with `sepen finetune`",
+    "sample: delta of another base model": "sample it with --model CompVis/stable-diffusion-v1-4",
+    "metrics: missing manifest": "run `sepen sample` first",
+    "metrics: manifest of another kind": "give the file `sepen sample` writes",
+    "metrics: missing image": "re-run `sepen sample` for this shard",
+    "metrics: corrupt PNG": (
+        "re-run `sepen sample` for its shard, which generates unreadable images again"
+    ),
+    "aggregate: missing metrics file": "run `sepen metrics` first",
+    "aggregate: metrics file that is not JSON": "write it again with `sepen metrics`",
+    "fid: missing reference folder": "set evaluation.fid.reference to a folder of real images",
+    "report: missing metrics file": "run `sepen aggregate` first",
+    "report: metrics file of another kind": "give the file `sepen aggregate` writes",
+    "report: taxonomy without the toy detector's metrics": "use toy_detection",
+    "premise: missing plan": "run `sepen prompts` first",
+    "premise: missing deltas": "run `sepen finetune` for them",
+}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -348,6 +386,6 @@ def test_bad_input_exits_2_with_one_line_naming_it_and_writes_nothing(setup, cap
     errors = [line for line in err.splitlines() if ": error: " in line]
     assert len(errors) == 1 and "Traceback" not in err, err
     assert named in errors[0], errors[0]
-    assert any(fix in errors[0] for fix in FIXES), errors[0]
+    assert errors[0].endswith(CASES[case]) or f"{CASES[case]} (" in errors[0], errors[0]
     assert not output.exists()
     assert {p for p in setup["dir"].rglob("*")} == before  # nothing written, no debris
