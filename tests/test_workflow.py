@@ -304,6 +304,22 @@ def test_smoke_config_through_dvc_matches_snakemake_and_pushes_and_pulls(
     run(["dvc", "pull"], project)
     assert delta.read_bytes() == before
 
+    # a key-level change: the stages that list the key run again, and then only what reads
+    # their changed outputs; nothing upstream
+    def change(section: str, key: str, value) -> tuple[set[str], list[str]]:
+        config = yaml.safe_load((project / "config/config.yaml").read_text())
+        config[section][key] = value
+        (project / "config/config.yaml").write_text(yaml.safe_dump(config))
+        changed = set(json.loads(run(["dvc", "status", "--json"], project).stdout))
+        ran = re.findall(r"Running stage '([^']+)'", run(["dvc", "repro"], project).stdout)
+        return changed, ran
+
+    changed, ran = change("report", "grid_seeds", 1)
+    assert changed == {"report_grid"} and ran == ["report_grid"]
+    changed, ran = change("evaluation", "bootstrap", 100)
+    assert changed == {"aggregate", "toy_premise"}
+    assert changed <= set(ran) <= changed | {"report_table", "report_landing", "report_taxonomy"}
+
 
 def test_toy_pretraining_and_study_join_the_dag_behind_their_switches(project):
     smoke = yaml.safe_load((ROOT / "config/test/smoke.yaml").read_text())
@@ -419,11 +435,35 @@ def _start(project: Path, env: dict | None = None) -> subprocess.Popen:
     )
 
 
+SMOKE = "config/test/smoke.yaml"
+
+
+def _kill_once_env(marker: Path, images: int, where: str = "") -> dict:
+    """The first sampling job (of those whose images' paths hold `where`) to put its
+    `images`-th image in place dies by SIGKILL (the shim in tests/shims), leaving `marker`
+    with its command line."""
+    return {
+        "PYTHONPATH": str(ROOT / "tests/shims"),
+        "SEPEN_TEST_KILL_AFTER_IMAGES": str(images),
+        "SEPEN_TEST_KILL_MARKER": str(marker),
+        "SEPEN_TEST_KILL_WHERE": where,
+    }
+
+
+def _killed_shard(project: Path, marker: Path) -> tuple[Path, Path]:
+    """The manifest and image folder of the sampling job the shim killed."""
+    argv = json.loads(marker.read_text())["argv"]
+    value = {flag: argv[i + 1] for i, flag in enumerate(argv[:-1]) if flag.startswith("--")}
+    return project / value["--out"], project / value["--images-dir"]
+
+
 @pytest.mark.slow
 def test_killed_jobs_rerun_to_the_same_delta_images_and_metrics(smoke_run, tmp_path_factory):
-    """SIGKILL the finetuning job while a checkpoint is saved, then the sampling job, then the
-    metrics job; each time the same command finishes the run, and the delta, images and
-    metrics equal an uninterrupted run's."""
+    """SIGKILL the finetuning job while a checkpoint is saved, then a base sampling job right
+    after its 6th image (batches of 4: one whole batch and half the next), then the metrics
+    job; each time the same command finishes the run. The killed shard keeps its 6 images,
+    writes the rest and draws again only the half-finished batch, and the delta, images and
+    metrics equal an uninterrupted run's bit for bit."""
     reference, _ = smoke_run
     project = copy_project(tmp_path_factory.mktemp("killed"))
     r = project / "results/smoke"
@@ -432,13 +472,80 @@ def test_killed_jobs_rerun_to_the_same_delta_images_and_metrics(smoke_run, tmp_p
     run = _start(project, slow)
     _kill_job_when(project, run, "finetune", lambda: any(state.glob(".checkpoint-3.tmp/*")))
     assert not list(state.glob("checkpoint-*"))  # the save cut short is not a checkpoint
-    run = _start(project)
-    images = r / "samples"
-    _kill_job_when(project, run, "sample", lambda: any(images.rglob("*.png")))
+    marker = project / "killed-sample.json"
+    run = _start(project, _kill_once_env(marker, 6, "/samples/base/"))
+    assert run.wait(timeout=600) != 0  # the killed sampling job fails the run
+    manifest, images = _killed_shard(project, marker)
+    assert not manifest.exists() and len(list(images.rglob("seed-*.png"))) == 6
+    kept = {p: p.read_bytes() for p in images.rglob("seed-*.png")}
     run = _start(project)
     _kill_job_when(project, run, "metrics", lambda: True)
-    snakemake(project, "--configfile", "config/test/smoke.yaml")
+    snakemake(project, "--configfile", SMOKE)
     assert not list(state.glob(".checkpoint-*"))
+    shard = json.loads(manifest.read_text())
+    n = len(shard["images"])
+    assert (shard["generated"], shard["reused"], shard["drawn"]) == (n - 6, 6, n - 4)
+    assert all(p.read_bytes() == data for p, data in kept.items())
+    assert _digests(project) == _digests(reference)
+
+
+def _kill_everything_in(project: Path) -> None:
+    """SIGKILL every process whose working folder is `project` (Snakemake and its jobs)."""
+    import signal
+
+    for proc in Path("/proc").iterdir():
+        try:
+            here = proc.name.isdigit() and os.readlink(proc / "cwd") == str(project)
+        except OSError:
+            continue
+        if here and int(proc.name) != os.getpid():
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.slow
+def test_a_killed_snakemake_is_unlocked_and_a_job_that_fails_once_resumes_under_retries(
+    smoke_run, tmp_path_factory
+):
+    """Two rows of "What survives what": Snakemake itself killed (with its jobs) leaves its
+    lock, `snakemake --unlock` once, then the same command; in that run one sampling job dies
+    after its 3rd image (injected) and `--retries 1` resumes it. Every image finished before
+    either kill is kept, and the results equal an uninterrupted run's."""
+    import time
+
+    reference, _ = smoke_run
+    project = copy_project(tmp_path_factory.mktemp("unlock"))
+    samples = project / "results/smoke/samples"
+    run = _start(project)
+    start = time.monotonic()
+    while not any(samples.rglob("seed-*.png")):
+        assert run.poll() is None, "the run ended before any image was drawn"
+        assert time.monotonic() - start < 600, "no image in 600 s"
+        time.sleep(0.05)
+    _kill_everything_in(project)
+    assert run.wait(timeout=60) != 0
+    kept = {p: p.read_bytes() for p in samples.rglob("seed-*.png")}
+    locked = snakemake(project, "--configfile", SMOKE, check=False)
+    assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr
+    snakemake(project, "--unlock", "--configfile", SMOKE)
+    marker = project / "killed-sample.json"
+    done = subprocess.run(
+        ["snakemake", "--cores", "2", "--retries", "1", "--configfile", SMOKE],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **_kill_once_env(marker, 3)},
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    manifest, _ = _killed_shard(project, marker)  # a job did die, and its retry finished
+    assert json.loads(manifest.read_text())["reused"] >= 3
+    shards = [json.loads(m.read_text()) for m in samples.glob("*/shard-*.json")]
+    assert sum(m["reused"] for m in shards) == len(kept) + 3
+    drawn = len(list((reference / "results/smoke/samples").rglob("seed-*.png")))
+    assert sum(m["generated"] + m["reused"] for m in shards) == drawn
+    assert all(p.read_bytes() == data for p, data in kept.items())
     assert _digests(project) == _digests(reference)
 
 
@@ -455,29 +562,67 @@ def test_a_finetuning_job_killed_after_a_checkpoint_resumes_from_it(smoke_run, t
     assert _digests(project) == _digests(reference)
 
 
-def test_two_sampling_processes_on_one_shard_leave_whole_images_and_manifest(smoke_run):
+def _shim_env(**variables: str) -> dict:
+    """The environment of a subprocess that loads tests/shims/sitecustomize.py."""
+    return {**os.environ, "PYTHONPATH": str(ROOT / "tests/shims"), **variables}
+
+
+def test_a_reader_never_sees_a_partial_file_while_two_processes_sample_one_shard(tmp_path):
+    """Two `sepen sample` processes write the same shard while this process reads every image
+    and manifest it can see. Each write is slowed (half the bytes, a pause, the rest), so a
+    file written in place would be caught half-written; written to a hidden temporary file and
+    renamed, every visible file is whole."""
+    import time
+
     from PIL import Image
 
-    project, _ = smoke_run
-    images = project / "concurrent" / "shard-0"
-    argv = ["sepen", "sample", "--config", "config/test/smoke.yaml"]
-    argv += ["--plan", "results/smoke/prompts.json", "--method", "base", "--shard", "0"]
-    argv += ["--shards", "2", "--images-dir", str(images)]
+    from sepen.atomic import write_json
+    from sepen.config import load_config
+    from sepen.plan import build_plan
+
+    config = ROOT / "config/test/smoke.yaml"
+    plan = tmp_path / "prompts.json"
+    prompts = build_plan(load_config(config))
+    write_json(plan, prompts)
+    images = tmp_path / "shard-0"
+    argv = ["sepen", "sample", "--config", str(config), "--plan", str(plan), "--method", "base"]
+    argv += ["--shard", "0", "--shards", "2", "--images-dir", str(images)]
+    argv += ["--set", "sampling.steps=2"]
+    outs = [tmp_path / f"shard-0-{k}.json" for k in range(2)]
+    env = _shim_env(SEPEN_TEST_SLOW_WRITE="0.05")
     procs = [
-        subprocess.Popen(
-            [*argv, "--out", str(images) + f"-{k}.json"],
-            cwd=project,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for k in range(2)
+        subprocess.Popen([*argv, "--out", str(out)], cwd=ROOT, env=env, stderr=subprocess.PIPE)
+        for out in outs
     ]
-    assert [p.wait(timeout=300) for p in procs] == [0, 0], [p.stderr.read() for p in procs]
-    manifests = [json.loads(Path(f"{images}-{k}.json").read_text()) for k in range(2)]
+    whole, partial, hidden = set(), [], set()
+    while any(p.poll() is None for p in procs):
+        for f in [*images.rglob("*"), *outs]:
+            if not f.is_file():
+                continue
+            if f.name.startswith("."):
+                hidden.add(f.name)
+                continue
+            try:
+                if f.suffix == ".png":
+                    with Image.open(f) as picture:
+                        picture.load()
+                else:
+                    json.loads(f.read_bytes())
+                whole.add(f)
+            except FileNotFoundError:
+                continue
+            except Exception as err:  # a file seen half-written
+                partial.append(f"{f.name}: {err}")
+        time.sleep(0.002)
+    assert [p.wait() for p in procs] == [0, 0], [p.stderr.read() for p in procs]
+    assert not partial
+    manifests = [json.loads(out.read_text()) for out in outs]
     assert manifests[0]["images"] == manifests[1]["images"]
-    for im in manifests[0]["images"]:
-        with Image.open(im["path"]) as picture:
-            picture.load()  # whole, decodable
+    total = sum(map(len, prompts["sets"].values())) * len(prompts["seeds"])
+    assert len(manifests[0]["images"]) == total // 2 == 16  # shard 0 of 2
+    paths = {Path(im["path"]) for im in manifests[0]["images"]}
+    assert paths <= whole  # the reader saw every image, each whole
+    assert sum(n.startswith(".seed-") for n in hidden) >= 10  # and it looked during writes
     leftovers = [p for p in images.rglob(".*") if p.name not in (".settings", ".lock")]
     assert not leftovers
 
@@ -545,10 +690,14 @@ def test_smoke_run_through_the_slurm_profile_matches_the_local_run(
         "--configfile",
         "config/test/smoke.yaml",
     ]
-    done = subprocess.run(
-        cmd, cwd=project, env=local_slurm.env, capture_output=True, text=True, timeout=1800
-    )
+    # one sampling job dies after its 3rd image (a preempted job); the profile's retries
+    # resume it on the cluster
+    marker = project / "killed-sample.json"
+    env = {**local_slurm.env, **_kill_once_env(marker, 3)}
+    done = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    manifest, _ = _killed_shard(project, marker)
+    assert json.loads(manifest.read_text())["reused"] >= 3
     jobs = job_counts(done.stdout + done.stderr)
     records = local_slurm.completed_jobs()[before:]
     submitted = sum(n for rule, n in jobs.items() if rule != "all")  # `all` runs locally
