@@ -116,8 +116,7 @@ def layer_ranks(
     """Each layer's rank: `rank` for all, or with 'full' each layer's own full rank (at most
     a LoRA delta's rank `lora_rank`)."""
     if rank == FULL:
-        cap = lora_rank or max(max(c.shape) for c in changes.values())
-        return {m: min(*c.shape, cap) for m, c in changes.items()}
+        return {m: min(*c.shape, lora_rank or min(c.shape)) for m, c in changes.items()}
     limit = min(min(c.shape) for c in changes.values())
     if not 1 <= rank <= limit:
         raise SepenError(
@@ -282,7 +281,7 @@ def rank_cli(argv=None) -> int:
             if not changes:
                 raise SepenError(f"delta {str(delta)!r} holds no trained layer")
             needed = ranks_needed(changes, args.errors)
-            full = sorted({min(c.shape) for c in changes.values()})
+            full = sorted(set(layer_ranks(changes, FULL).values()))  # each layer's min(out, in)
             parts = []
             for e in args.errors:
                 ranks = sorted(n[e] for n in needed.values())

@@ -285,7 +285,8 @@ def draw_and_save(
     ]
     if missing is not None:
         chunks = [(key, chunk) for key, chunk in chunks if any(i in missing for i in chunk)]
-    bar = tqdm(total=sum(len(chunk) for _, chunk in chunks), desc=desc, mininterval=10)
+    drawn = sum(len(chunk) for _, chunk in chunks)
+    bar = tqdm(total=drawn, desc=desc, mininterval=10)
     for key, chunk in chunks:
         if switcher is not None:
             switcher.use(key)
@@ -294,7 +295,7 @@ def draw_and_save(
                 save_png(image, path_of(item))
         bar.update(len(chunk))
     bar.close()
-    return sum(len(chunk) for _, chunk in chunks)
+    return drawn
 
 
 def prompts_by_delta(plan: dict, method: str, ids, model_dir: Path | None) -> dict:
