@@ -15,6 +15,7 @@ from sepen.toy.detect import FAILURES
 from sepen.workflow import STEP_PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
+SMOKE = "config/test/smoke.yaml"  # the smoke config, relative to a project copy
 PROJECT_FILES = ["Snakefile", "workflow", "config", "profiles", "dvc.yaml", "data", "sepen"]
 
 
@@ -168,7 +169,7 @@ def test_dvc_stages_run_the_same_commands_and_params_as_the_snakemake_rules(proj
 @pytest.fixture(scope="module")
 def smoke_run(project):
     """The smoke config run once through Snakemake (about 2 minutes on 2 cores)."""
-    proc = snakemake(project, "--configfile", "config/test/smoke.yaml")
+    proc = snakemake(project, "--configfile", SMOKE)
     return project, proc
 
 
@@ -205,16 +206,16 @@ def test_smoke_run_writes_every_artifact_with_real_numbers(smoke_run):
     assert (project / "logs/smoke/finetune/joint.log").read_text()
     assert (project / "benchmarks/smoke/finetune/joint.tsv").is_file()
     report = project / "report.html"
-    snakemake(project, "--configfile", "config/test/smoke.yaml", "--report", str(report))
+    snakemake(project, "--configfile", SMOKE, "--report", str(report))
     assert report.stat().st_size > 10_000
 
 
 @pytest.mark.slow
 def test_smoke_rerun_is_a_no_op_and_a_changed_key_reruns_only_what_reads_it(smoke_run):
     project, _ = smoke_run
-    again = snakemake(project, "--configfile", "config/test/smoke.yaml")
+    again = snakemake(project, "--configfile", SMOKE)
     assert "Nothing to be done" in again.stdout + again.stderr
-    config = project / "config/test/smoke.yaml"
+    config = project / SMOKE
     text = config.read_text()
     assert "  steps: 6\n" in text
     config.write_text(text.replace("  steps: 6\n", "  steps: 7\n"))  # finetune.steps
@@ -237,7 +238,7 @@ def test_workflow_overhead_bench_times_the_no_op_and_the_joint_dag(smoke_run, tm
         "--directory",
         str(project),
     ]
-    opts = ["--configfile", "config/test/smoke.yaml", "--repeats", "1", "--json", str(out)]
+    opts = ["--configfile", SMOKE, "--repeats", "1", "--json", str(out)]
     proc = run([*cmd, *opts], project)
     r = json.loads(out.read_text())
     # sd14_joint: 1 finetune, 3 methods x 8 shards to sample and score, the report's landing text
@@ -245,7 +246,7 @@ def test_workflow_overhead_bench_times_the_no_op_and_the_joint_dag(smoke_run, tm
     assert 0 < r["startup_s"] and r["noop_vs_startup"] == r["noop_s"] / r["startup_s"]
     assert f"{r['dag_s']:.2f}" in proc.stdout and "sd14_joint.yaml" in proc.stdout
     # a project whose run is not finished is refused before any of its jobs runs
-    config = project / "config/test/smoke.yaml"
+    config = project / SMOKE
     text = config.read_text()
     delta = project / "results/smoke/models/joint.safetensors"
     before = (delta.read_bytes(), delta.stat().st_mtime_ns)
@@ -269,7 +270,7 @@ def test_smoke_config_through_dvc_matches_snakemake_and_pushes_and_pulls(
     from sepen.config import load_config
 
     # dvc.yaml reads config/config.yaml, with every key its stages use written out
-    smoke = load_config(ROOT / "config/test/smoke.yaml", ["evaluation.shards=1"])
+    smoke = load_config(ROOT / SMOKE, ["evaluation.shards=1"])
     (project / "config/config.yaml").write_text(yaml.safe_dump(smoke))
     from sepen.plan import build_plan
 
@@ -322,7 +323,7 @@ def test_smoke_config_through_dvc_matches_snakemake_and_pushes_and_pulls(
 
 
 def test_toy_pretraining_and_study_join_the_dag_behind_their_switches(project):
-    smoke = yaml.safe_load((ROOT / "config/test/smoke.yaml").read_text())
+    smoke = yaml.safe_load((ROOT / SMOKE).read_text())
     smoke["toy"]["pretrain"] = {"run": True}
     smoke["toy"]["study"] = {"run": True}
     smoke["toy"]["card"] = {"run": True}
@@ -341,7 +342,7 @@ def test_toy_pretraining_and_study_join_the_dag_behind_their_switches(project):
     for rule in ("report table", "report landing"):  # the card is shown in the report
         cmd = next(c for c in commands if f" {rule} " in c)
         assert "--card results/smoke/world_card.json" in cmd
-    default = snakemake(project, "-nFp", "--configfile", "config/test/smoke.yaml").stdout
+    default = snakemake(project, "-nFp", "--configfile", SMOKE).stdout
     assert "toy_pretrain" not in job_counts(default) and "data/toy_study/study.json" in default
     assert "toy_card" not in job_counts(default)
     assert "--card data/toy_base/world_card.json" in default  # the shipped model's card
@@ -371,15 +372,14 @@ def test_an_interrupted_sampling_shard_rerun_generates_only_the_missing_images(s
     for im in images[1:3]:
         (project / im["path"]).unlink()
     kept = (project / images[0]["path"]).read_bytes()
-    snakemake(project, "--configfile", "config/test/smoke.yaml")
+    snakemake(project, "--configfile", SMOKE)
     manifest = json.loads(shard.read_text())
     assert (manifest["generated"], manifest["reused"]) == (2, len(images) - 2)
     assert (project / images[0]["path"]).read_bytes() == kept
 
 
-def _job_pids(project: Path, step: str) -> list[int]:
-    """Processes of `python -m sepen <step>` running in `project` (read from /proc)."""
-    pids = []
+def _processes_in(project: Path):
+    """(pid, command line as a list of bytes) of every process working in `project`."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -388,9 +388,13 @@ def _job_pids(project: Path, step: str) -> list[int]:
             cwd = os.readlink(proc / "cwd")
         except OSError:
             continue
-        if b"sepen" in cmd and step.encode() in cmd and cwd == str(project):
-            pids.append(int(proc.name))
-    return pids
+        if cwd == str(project):
+            yield int(proc.name), cmd
+
+
+def _job_pids(project: Path, step: str) -> list[int]:
+    """Processes of `python -m sepen <step>` running in `project` (read from /proc)."""
+    return [pid for pid, cmd in _processes_in(project) if b"sepen" in cmd and step.encode() in cmd]
 
 
 def _kill_job_when(project: Path, run, step: str, ready, timeout: float = 600) -> None:
@@ -426,7 +430,7 @@ def _digests(project: Path) -> dict[str, str]:
 
 def _start(project: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        ["snakemake", "--cores", "2", "--configfile", "config/test/smoke.yaml"],
+        ["snakemake", "--cores", "2", "--configfile", SMOKE],
         cwd=project,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -435,19 +439,20 @@ def _start(project: Path, env: dict | None = None) -> subprocess.Popen:
     )
 
 
-SMOKE = "config/test/smoke.yaml"
+def _shim_env(**variables: str) -> dict:
+    """Variables that make a subprocess load tests/shims/sitecustomize.py with `variables`."""
+    return {"PYTHONPATH": str(ROOT / "tests/shims"), **variables}
 
 
 def _kill_once_env(marker: Path, images: int, where: str = "") -> dict:
     """The first sampling job (of those whose images' paths hold `where`) to put its
     `images`-th image in place dies by SIGKILL (the shim in tests/shims), leaving `marker`
     with its command line."""
-    return {
-        "PYTHONPATH": str(ROOT / "tests/shims"),
-        "SEPEN_TEST_KILL_AFTER_IMAGES": str(images),
-        "SEPEN_TEST_KILL_MARKER": str(marker),
-        "SEPEN_TEST_KILL_WHERE": where,
-    }
+    return _shim_env(
+        SEPEN_TEST_KILL_AFTER_IMAGES=str(images),
+        SEPEN_TEST_KILL_MARKER=str(marker),
+        SEPEN_TEST_KILL_WHERE=where,
+    )
 
 
 def _killed_shard(project: Path, marker: Path) -> tuple[Path, Path]:
@@ -468,8 +473,7 @@ def test_killed_jobs_rerun_to_the_same_delta_images_and_metrics(smoke_run, tmp_p
     project = copy_project(tmp_path_factory.mktemp("killed"))
     r = project / "results/smoke"
     state = r / "state/joint"
-    slow = {"SEPEN_TEST_SLOW_SAVE": "30", "PYTHONPATH": str(ROOT / "tests/shims")}
-    run = _start(project, slow)
+    run = _start(project, _shim_env(SEPEN_TEST_SLOW_SAVE="30"))
     _kill_job_when(project, run, "finetune", lambda: any(state.glob(".checkpoint-3.tmp/*")))
     assert not list(state.glob("checkpoint-*"))  # the save cut short is not a checkpoint
     marker = project / "killed-sample.json"
@@ -493,14 +497,10 @@ def _kill_everything_in(project: Path) -> None:
     """SIGKILL every process whose working folder is `project` (Snakemake and its jobs)."""
     import signal
 
-    for proc in Path("/proc").iterdir():
-        try:
-            here = proc.name.isdigit() and os.readlink(proc / "cwd") == str(project)
-        except OSError:
-            continue
-        if here and int(proc.name) != os.getpid():
+    for pid, _ in _processes_in(project):
+        if pid != os.getpid():
             try:
-                os.kill(int(proc.name), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
@@ -556,15 +556,10 @@ def test_a_finetuning_job_killed_after_a_checkpoint_resumes_from_it(smoke_run, t
     state = project / "results/smoke/state/joint"
     run = _start(project)
     _kill_job_when(project, run, "finetune", lambda: (state / "checkpoint-3").is_dir())
-    snakemake(project, "--configfile", "config/test/smoke.yaml")
+    snakemake(project, "--configfile", SMOKE)
     log = (project / "logs/smoke/finetune/joint.log").read_text()
     assert "resuming from" in log and "checkpoint-3" in log
     assert _digests(project) == _digests(reference)
-
-
-def _shim_env(**variables: str) -> dict:
-    """The environment of a subprocess that loads tests/shims/sitecustomize.py."""
-    return {**os.environ, "PYTHONPATH": str(ROOT / "tests/shims"), **variables}
 
 
 def test_a_reader_never_sees_a_partial_file_while_two_processes_sample_one_shard(tmp_path):
@@ -580,7 +575,7 @@ def test_a_reader_never_sees_a_partial_file_while_two_processes_sample_one_shard
     from sepen.config import load_config
     from sepen.plan import build_plan
 
-    config = ROOT / "config/test/smoke.yaml"
+    config = ROOT / SMOKE
     plan = tmp_path / "prompts.json"
     prompts = build_plan(load_config(config))
     write_json(plan, prompts)
@@ -589,7 +584,7 @@ def test_a_reader_never_sees_a_partial_file_while_two_processes_sample_one_shard
     argv += ["--shard", "0", "--shards", "2", "--images-dir", str(images)]
     argv += ["--set", "sampling.steps=2"]
     outs = [tmp_path / f"shard-0-{k}.json" for k in range(2)]
-    env = _shim_env(SEPEN_TEST_SLOW_WRITE="0.05")
+    env = {**os.environ, **_shim_env(SEPEN_TEST_SLOW_WRITE="0.05")}
     procs = [
         subprocess.Popen([*argv, "--out", str(out)], cwd=ROOT, env=env, stderr=subprocess.PIPE)
         for out in outs
@@ -633,7 +628,7 @@ def test_a_two_process_finetune_from_the_rule_equals_one_process(smoke_run, tmp_
 
     snake_project, _ = smoke_run
     project = copy_project(tmp_path_factory.mktemp("ddp"))
-    smoke = yaml.safe_load((ROOT / "config/test/smoke.yaml").read_text())
+    smoke = yaml.safe_load((ROOT / SMOKE).read_text())
     smoke["finetune"].update(processes=2, batch_size=1)  # the same global batch of 2
     (project / "ddp.yaml").write_text(yaml.safe_dump(smoke))
     target = "results/smoke/models/joint.safetensors"
@@ -688,7 +683,7 @@ def test_smoke_run_through_the_slurm_profile_matches_the_local_run(
         "--profile",
         "profiles/test-slurm",
         "--configfile",
-        "config/test/smoke.yaml",
+        SMOKE,
     ]
     # one sampling job dies after its 3rd image (a preempted job); the profile's retries
     # resume it on the cluster
