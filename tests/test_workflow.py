@@ -442,9 +442,9 @@ def _digests(project: Path) -> dict[str, str]:
     return {str(f.relative_to(project)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
-def _start(project: Path, env: dict | None = None) -> subprocess.Popen:
+def _start(project: Path, env: dict | None = None, *targets: str) -> subprocess.Popen:
     return subprocess.Popen(
-        ["snakemake", "--cores", "2", *ONE_THREAD, "--configfile", SMOKE],
+        ["snakemake", *targets, "--cores", "2", *ONE_THREAD, "--configfile", SMOKE],
         cwd=project,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -478,17 +478,19 @@ def _killed_shard(project: Path, marker: Path) -> tuple[Path, Path]:
 
 @pytest.mark.slow
 def test_killed_jobs_rerun_to_the_same_delta_images_and_metrics(smoke_run, tmp_path_factory):
-    """SIGKILL the finetuning job while checkpoint-4 is saved (checkpoint-2 complete), then a
-    base sampling job right after its 6th image (batches of 4: one whole batch and half the
-    next), then the metrics job; each time the same command finishes the run. The finetuning
-    resumes from checkpoint-2, never from the save cut short; the killed shard keeps its 6
-    images, writes the rest and draws again only the half-finished batch; and the delta,
-    images and metrics equal an uninterrupted run's bit for bit."""
+    """SIGKILL the finetuning job while checkpoint-4 is saved (checkpoint-2 complete; that run
+    makes only the delta, so that no sampling job has run yet), then a base sampling job right
+    after its 6th image (batches of 4: one whole batch and half the next), then the metrics
+    job; each time the same command goes on. The finetuning resumes from checkpoint-2, never
+    from the save cut short; the killed shard keeps its 6 images, writes the rest and draws
+    again only the half-finished batch; and the delta, images and metrics equal an
+    uninterrupted run's bit for bit."""
     reference, _ = smoke_run
     project = copy_project(tmp_path_factory.mktemp("killed"))
     r = project / "results/smoke"
     state = r / "state/joint"
-    run = _start(project, _shim_env(SEPEN_TEST_SLOW_SAVE="3"))
+    delta = "results/smoke/models/joint.safetensors"
+    run = _start(project, _shim_env(SEPEN_TEST_SLOW_SAVE="3"), delta)
     _kill_job_when(project, run, "finetune", lambda: any(state.glob(".checkpoint-4.tmp/*")))
     # the save cut short is not a checkpoint; the one before it is whole
     assert [p.name for p in state.glob("checkpoint-*")] == ["checkpoint-2"]
