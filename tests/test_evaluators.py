@@ -259,6 +259,7 @@ def _write_images(folder, n, seed):
     return paths
 
 
+@pytest.mark.slow
 def test_metrics_and_fid_commands_end_to_end_on_tiny_models(
     tmp_path, tiny_clip, tiny_blip, tiny_owlv2
 ):

@@ -77,7 +77,7 @@ def test_summarise_cell_pairs_each_seed_with_base_and_gives_the_spread():
     assert out["success_change"] == {"mean": 0.375, "min": 0.25, "max": 0.5, "n_seeds": 2}
 
 
-@pytest.mark.parametrize("mode", ["joint", "pairs"])
+@pytest.mark.parametrize("mode", [pytest.param("joint", marks=pytest.mark.slow), "pairs"])
 def test_study_finetunes_every_model_of_a_cell_per_seed_and_reuses_them(
     tmp_path, tiny_toy_model, mode
 ):
