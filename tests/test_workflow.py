@@ -48,8 +48,13 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
 ONE_THREAD = ["--set-threads", *(f"{rule}=1" for rule in SMOKE_THREADED_RULES)]
 
 
+def snakemake_cmd(*args: str) -> list[str]:
+    """A local Snakemake command line as every test run uses it (2 cores, ONE_THREAD)."""
+    return ["snakemake", "--cores", "2", *args, *ONE_THREAD]
+
+
 def snakemake(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run(["snakemake", "--cores", "2", *args, *ONE_THREAD], cwd, check)
+    return run(snakemake_cmd(*args), cwd, check)
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -444,7 +449,7 @@ def _digests(project: Path) -> dict[str, str]:
 
 def _start(project: Path, env: dict | None = None, *targets: str) -> subprocess.Popen:
     return subprocess.Popen(
-        ["snakemake", *targets, "--cores", "2", *ONE_THREAD, "--configfile", SMOKE],
+        snakemake_cmd(*targets, "--configfile", SMOKE),
         cwd=project,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -556,7 +561,7 @@ def test_a_killed_snakemake_is_unlocked_and_a_job_that_fails_once_resumes_under_
     snakemake(project, "--unlock", "--configfile", SMOKE)
     marker = project / "killed-sample.json"
     done = subprocess.run(
-        ["snakemake", "--cores", "2", *ONE_THREAD, "--retries", "1", "--configfile", SMOKE],
+        snakemake_cmd("--retries", "1", "--configfile", SMOKE),
         cwd=project,
         capture_output=True,
         text=True,
