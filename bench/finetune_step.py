@@ -216,9 +216,7 @@ def settings(mode: str, batch: int) -> dict:
         f"finetune.concepts={json.dumps(CONCEPTS[mode])}",
         f"finetune.batch_size={batch}",
     ]
-    ft = dict(load_config(None, overrides)["finetune"])
-    ft["_norm_loss"] = mode == "joint"
-    return ft
+    return dict(load_config(None, overrides)["finetune"])
 
 
 class RandomText:
@@ -253,12 +251,15 @@ class RandomText:
 def make_batches(ft: dict, unet, latent: int, steps: int, device, dtype):
     from diffusers import DDPMScheduler
 
-    from sepen.finetune import Positions, SignalSampler, step_inputs
+    from sepen.finetune.conditioning import Positions, step_inputs
+    from sepen.finetune.signal import SignalSampler, Task
     from sepen.models import build_clip_tokenizer
     from sepen.models.tiny import SD_SCHEDULER
 
     scheduler = DDPMScheduler(**SD_SCHEDULER)
-    sampler = SignalSampler(ft, (unet.config.in_channels, latent, latent), 1000, 0.18215, 1)
+    sampler = SignalSampler(
+        Task.from_settings(ft), (unet.config.in_channels, latent, latent), 1000, 0.18215, 1
+    )
     embed = RandomText(unet, device, dtype, latent * 8)
     positions = Positions(build_clip_tokenizer())
     return [
@@ -300,6 +301,7 @@ class PeakMemory:
 # ---------------------------------------------------------------- one variant (a worker process)
 def run_variant(spec: dict) -> dict:
     from sepen.attention import install_capture
+    from sepen.finetune.signal import uses_norm_loss
     from sepen.objective import SepenObjective
     from sepen.trainable import prepare_trainable, trainable_layers
 
@@ -310,7 +312,7 @@ def run_variant(spec: dict) -> dict:
         torch.backends.cudnn.allow_tf32 = spec["dtype"] != "float32"
     unet = build_unet(spec["size"], spec["latent"]).to(device)
     ft = settings(spec["mode"], spec["batch"])
-    norm = ft["_norm_loss"]
+    norm = uses_norm_loss(ft)
     batches = make_batches(ft, unet, spec["latent"], spec["repeats"] + 1, device, dtype)
     resolutions = spec.get("resolutions") or [map_resolution(spec["size"], spec["latent"])]
     memory = PeakMemory(device)

@@ -99,10 +99,10 @@ def timed_interleaved(fns: dict, repeats: int, device: str) -> dict[str, float]:
 
 
 def run(arch: str, steps: int, repeats: int, device: str, dtype: str) -> dict:
+    from sepen.attend_excite import attend_excite_pipeline, sample_attend_excite
     from sepen.delta import apply_delta
     from sepen.models import resolve_dtype
     from sepen.models.tiny import build_tiny_pipeline
-    from sepen.sample import attend_excite_pipeline, sample_attend_excite
 
     def build():
         pipe = sd14_pipeline() if arch == "sd14" else build_tiny_pipeline()
@@ -118,7 +118,8 @@ def run(arch: str, steps: int, repeats: int, device: str, dtype: str) -> dict:
     sp = {"steps": steps, "guidance_scale": 6.0}
     from sepen.config import load_config
 
-    # the published settings, the schedule scaled to `steps` (sepen.sample.attend_excite_schedule)
+    # the published settings, the schedule scaled to `steps`
+    # (sepen.attend_excite.attend_excite_schedule)
     ae_cfg = load_config(None)["evaluation"]["attend_excite"]
 
     def plain(pipe):

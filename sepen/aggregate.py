@@ -1,4 +1,4 @@
-"""`sepen aggregate`: per-prompt, per-set and overall metrics with bootstrap 95% CIs.
+"""Per-prompt, per-set and overall metrics with bootstrap 95% CIs.
 
 Every method is sampled with the same prompts and seeds, so each method's difference to the
 base model is paired per (prompt, seed) and bootstrapped as such.
@@ -6,19 +6,15 @@ base model is paired per (prompt, seed) and bootstrapped as such.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 from pathlib import Path
 
 import numpy as np
 
-from sepen.artifacts import read_json, read_metrics, shard_files
-from sepen.atomic import write_json, write_text
-from sepen.command import run_step, step_parser
-from sepen.config import load_config
+from sepen.atomic import write_text
 from sepen.errors import SepenError
-from sepen.plan import method_prompts, read_plan
+from sepen.plan import method_prompts
 from sepen.stats import bootstrap_ci, paired_difference
 
 OVERALL = "overall"
@@ -127,50 +123,9 @@ def dvc_metrics(result: dict) -> dict:
     return out
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["set"])
     writer.writeheader()
     writer.writerows(rows)
     write_text(path, buf.getvalue())
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = step_parser("sepen aggregate", __doc__.split("\n")[0])
-    p.add_argument("--plan", type=Path, required=True)
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--metrics", type=Path, nargs="+", help="metric files of the shards")
-    which.add_argument(
-        "--metrics-dir",
-        type=Path,
-        help="folder of <method>/shard-<k>.json for the config's methods and shards",
-    )
-    p.add_argument("--fid", type=Path, nargs="*", default=[], help="FID files of `sepen fid`")
-    p.add_argument("--out", type=Path, required=True, help="full results (JSON)")
-    p.add_argument("--dvc-metrics", type=Path, help="compact means for `dvc metrics` (JSON)")
-    p.add_argument("--table", type=Path, help="flat table for `dvc plots` (CSV)")
-    return p.parse_args(argv)
-
-
-def main(args: argparse.Namespace) -> dict:
-    config = load_config(args.config, args.set)
-    plan = read_plan(args.plan)
-    ev = config["evaluation"]
-    files = args.metrics or shard_files(args.metrics_dir, ev["methods"], ev["shards"])
-    shards = [read_metrics(p) for p in files]
-    result = aggregate(plan, collect(shards), ev["bootstrap"], ev["attend_excite"]["sets"])
-    result["models"] = next((s["models"] for s in shards if s.get("models")), {})
-    for path in args.fid:
-        entry = read_json(path, "FID file", "sepen fid", ("method", "fid"))
-        result.setdefault("fid", {})[entry["method"]] = entry
-    write_json(args.out, result)
-    if args.dvc_metrics:
-        write_json(args.dvc_metrics, dvc_metrics(result))
-    if args.table:
-        _write_csv(args.table, summary_rows(result))
-    return result
-
-
-def cli(argv=None) -> int:
-    args = parse_args(argv)
-    return run_step("sepen aggregate", lambda: main(args))

@@ -1,4 +1,4 @@
-"""`sepen export-lora`: a SepEn delta as a standard LoRA file for diffusers, ComfyUI, A1111.
+"""A SepEn delta as a standard LoRA file for diffusers, ComfyUI, A1111 (`sepen export-lora`).
 
 A delta of full key weights is turned into the weight change against its base model and
 factorised by truncated SVD at the chosen rank (dW ~ up @ down with up = U_r sqrt(S_r),
@@ -24,7 +24,6 @@ layers wrongly there (measured: a rank-48 layer by 32/48).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -32,7 +31,9 @@ from pathlib import Path
 
 import torch
 
+from sepen.delta import check_base_model, read_delta, write_safetensors
 from sepen.errors import SepenError
+from sepen.models.loading import load_unet
 
 log = logging.getLogger("sepen.lora")
 FORMATS = ("diffusers", "kohya")
@@ -44,7 +45,6 @@ def weight_changes(
 ) -> tuple[dict[str, torch.Tensor], dict, int | None]:
     """Each trained layer's weight change (module path -> dW, float64), the delta's metadata,
     and the LoRA rank of a LoRA delta (None for full weights, which need the base model)."""
-    from sepen.delta import check_base_model, read_delta
 
     tensors, meta = read_delta(delta)
     base = meta.get("base_model", "")
@@ -60,7 +60,6 @@ def weight_changes(
             changes[layer] = scale * up @ down
         rank = next(iter(tensors.values())).shape[0] if tensors else None
         return changes, meta, rank
-    from sepen.models.loading import load_unet
 
     unet = load_unet(model or base, meta.get("revision") or None)
     params = dict(unet.named_parameters())
@@ -164,7 +163,6 @@ def export_lora(
 ) -> dict:
     """Write the LoRA file; returns its report (rank, each layer's rank, errors per layer and
     overall). `rank`: a number for every layer, 'full', or None (a LoRA delta's own rank)."""
-    from sepen.delta import write_safetensors
 
     if fmt not in FORMATS:
         raise SepenError(f"format {fmt!r} is not one of {list(FORMATS)}")
@@ -202,90 +200,3 @@ def export_lora(
     }
     write_safetensors(out, tensors, metadata)
     return report
-
-
-def _rank(text: str) -> int | str:
-    if text == FULL:
-        return FULL
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a rank: give a number (e.g. 16) or {FULL!r}"
-        ) from None
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sepen export-lora", description=__doc__.split("\n")[0])
-    p.add_argument("delta", type=Path, help="a delta of `sepen finetune`")
-    p.add_argument(
-        "--rank",
-        type=_rank,
-        help="LoRA rank of every layer, or 'full': each layer at its own full rank, exact "
-        "(a LoRA delta: its own rank by default)",
-    )
-    p.add_argument("--format", choices=FORMATS, default="diffusers")
-    p.add_argument("--model", help="the delta's base model (default: the one it names)")
-    p.add_argument("--out", type=Path, required=True, help="the LoRA file (.safetensors)")
-    return p.parse_args(argv)
-
-
-def _shown(report: dict) -> str:
-    ranks = sorted(set(report["ranks"].values()))
-    if report["rank"] != FULL:
-        return str(report["rank"])
-    return f"full: {ranks[0]}" if len(ranks) == 1 else f"full: {ranks[0]}-{ranks[-1]} by layer"
-
-
-def cli(argv=None) -> int:
-    from sepen.command import run_step
-
-    args = parse_args(argv)
-
-    def body():
-        report = export_lora(args.delta, args.out, args.rank, args.format, args.model)
-        err = report["relative_error"]
-        for module, value in err["layers"].items():
-            log.info("%s: relative error %.3g", module, value)
-        print(
-            f"wrote {args.out} ({args.format}, rank {_shown(report)}, "
-            f"{len(err['layers'])} layers): relative error of the weight change "
-            f"{err['overall']:.3g} overall"
-        )
-
-    return run_step("sepen export-lora", body)
-
-
-def rank_cli(argv=None) -> int:
-    """`sepen lora-rank DELTA...`: the LoRA rank each delta's key change needs."""
-    from sepen.command import run_step
-
-    p = argparse.ArgumentParser(
-        prog="sepen lora-rank",
-        description="the LoRA rank a delta's key change needs: per relative error, the rank "
-        "that keeps every layer within it (and the median layer's), from the singular values",
-    )
-    p.add_argument("deltas", type=Path, nargs="+", help="deltas of `sepen finetune`")
-    p.add_argument("--model", help="the deltas' base model (default: the one each names)")
-    p.add_argument(
-        "--errors", type=float, nargs="+", default=[0.01, 0.05, 0.1], help="relative errors"
-    )
-    args = p.parse_args(argv)
-
-    def body():
-        bad = [e for e in args.errors if not 0 <= e < 1]
-        if bad:
-            raise SepenError(f"--errors {bad} must lie in [0, 1): e.g. 0.01 for 1%")
-        for delta in args.deltas:
-            changes, _, _ = weight_changes(delta, args.model)
-            if not changes:
-                raise SepenError(f"delta {str(delta)!r} holds no trained layer")
-            needed = ranks_needed(changes, args.errors)
-            full = sorted(set(layer_ranks(changes, FULL).values()))  # each layer's min(out, in)
-            parts = []
-            for e in args.errors:
-                ranks = sorted(n[e] for n in needed.values())
-                parts.append(f"{e:g}: rank {ranks[-1]} (median layer {ranks[len(ranks) // 2]})")
-            print(f"{delta}: " + ", ".join(parts) + f"; full ranks {full}")
-
-    return run_step("sepen lora-rank", body)

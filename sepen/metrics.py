@@ -1,4 +1,4 @@
-"""`sepen metrics`: per-image metrics of one sampling shard, one JSON per shard.
+"""Per-image metrics of sampled images (`sepen metrics` writes one JSON per shard).
 
 Each metric is a function (images, prompts) -> per-image dicts of named values; the registry
 `METRICS` maps config names (evaluation.metrics) to them. Values are per image so that
@@ -7,7 +7,6 @@ aggregation can bootstrap and pair them across methods.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,12 +14,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from sepen.artifacts import read_manifest
-from sepen.atomic import write_json
-from sepen.command import run_step, step_parser
-from sepen.config import load_config
 from sepen.errors import SepenError
-from sepen.plan import read_plan
+from sepen.evaluators import build, preflight
+from sepen.toy.detect import regions, score_regions
 
 log = logging.getLogger("sepen.metrics")
 
@@ -30,7 +26,6 @@ def toy_detection(images: Sequence, prompts: Sequence[dict], vocabularies=None) 
     the failure taxonomy (fail_missing, fail_too_small, fail_merged, fail_wrong_shape,
     fail_spurious: 1 when a named object fails that way, or a failing image shows an unnamed
     concept)."""
-    from sepen.toy.detect import regions, score_regions
 
     return [
         score_regions(regions(np.asarray(im.convert("RGB"))), p["concepts"])
@@ -51,8 +46,6 @@ def build_metrics(names: Sequence[str], config: dict, device: str = "cpu") -> di
         out["toy_detection"] = toy_detection
     model_metrics = [n for n in names if n != "toy_detection"]
     if model_metrics:
-        from sepen.evaluators import build, preflight
-
         preflight(config)
         out.update(build(model_metrics, config, device))
     return {n: out[n] for n in names}
@@ -122,83 +115,3 @@ def shard_metrics(
             {"prompt_id": e["prompt_id"], "seed": e["seed"], **v} for e, v in zip(chunk, values)
         ]
     return rows
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = step_parser("sepen metrics", __doc__.split("\n")[0])
-    p.add_argument("--plan", type=Path, required=True)
-    p.add_argument(
-        "--manifest", type=Path, required=True, help="a shard manifest of `sepen sample`"
-    )
-    p.add_argument("--out", type=Path, required=True)
-    return p.parse_args(argv)
-
-
-def main(args: argparse.Namespace) -> list[dict]:
-
-    from sepen.sample import device_and_dtype
-
-    config = load_config(args.config, args.set)
-    plan = read_plan(args.plan)
-    manifest = read_manifest(args.manifest)
-    names = config["evaluation"]["metrics"]
-    shard = manifest["shard"]
-    metrics = build_metrics(names, config, device_and_dtype(config["sampling"], shard)[0])
-    rows = shard_metrics(manifest, plan, metrics)
-    write_json(
-        args.out,
-        {
-            "method": manifest["method"],
-            "shard": manifest["shard"],
-            "metrics": names,
-            "models": model_record(config, names),
-            "rows": rows,
-        },
-    )
-    log.info("%d images scored with %s", len(rows), names)
-    return rows
-
-
-def cli(argv=None) -> int:
-    args = parse_args(argv)
-    return run_step("sepen metrics", lambda: main(args))
-
-
-def fid_main(args: argparse.Namespace) -> dict:
-    """FID of one method's images (all its shards) against evaluation.fid.reference."""
-
-    from sepen.evaluators.fid import InceptionFeatures, fid, reference_images
-    from sepen.sample import device_and_dtype
-
-    config = load_config(args.config, args.set)
-    spec = config["evaluation"]["fid"]
-    if not spec["reference"]:
-        raise SepenError("evaluation.fid.reference is not set: give a folder of real images")
-    reference = reference_images(spec["reference"])
-    manifests = [read_manifest(m) for m in args.manifests]
-    methods = {m["method"] for m in manifests}
-    if len(methods) != 1:
-        raise SepenError(f"FID takes the shards of one method; got {sorted(methods)}")
-    paths = [im["path"] for m in manifests for im in m["images"]]
-    extract = InceptionFeatures(
-        spec["weights"], device_and_dtype(config["sampling"])[0], spec["batch_size"]
-    )
-    ours = extract([load_image(p) for p in tqdm(paths, desc="fid images", mininterval=10)])
-    real = extract([load_image(str(p)) for p in reference])
-    result = {
-        "method": methods.pop(),
-        "fid": fid(ours, real),
-        "n_images": len(paths),
-        "n_reference": len(reference),
-        "features": f"torchvision inception_v3 {spec['weights']} pool (not the TF-FID weights)",
-    }
-    write_json(args.out, result)
-    return result
-
-
-def fid_cli(argv=None) -> int:
-    p = step_parser("sepen fid", "FID of a method's images against reference images.")
-    p.add_argument("--manifests", type=Path, nargs="+", required=True)
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
-    return run_step("sepen fid", lambda: fid_main(args))

@@ -11,10 +11,10 @@ import logging
 import re
 from pathlib import Path
 
-from sepen.atomic import write_json
-from sepen.command import run_step, step_parser
-from sepen.config import load_config, read_yaml
+from sepen.artifacts import read_json
+from sepen.config import read_yaml
 from sepen.errors import ConfigError, SepenError
+from sepen.toy.world import prepare_world, prompt_for
 
 PLAN_FORMAT = "sepen-plan-1"
 log = logging.getLogger("sepen.plan")
@@ -152,15 +152,13 @@ def concept_lists(config: dict) -> dict:
     ev = config["evaluation"]
     source = ev["prompts"]
     if source == "toy":
-        from sepen.toy.world import prepare_world
-
         toy = prepare_world(config)
         concepts = list(toy["concepts"])
         return {
             "source": source,
             "concepts": concepts,
             "splits": {"seen": concepts, "unseen": []},
-            "pairs": {"trained": toy["_trained_pairs"], "held_out": toy["_held_out_pairs"]},
+            "pairs": {"trained": toy.trained_pairs, "held_out": toy.held_out_pairs},
         }
     if source == "custom":
         sets = read_custom_prompts(ev["prompt_file"])
@@ -191,8 +189,6 @@ def _prompt_sets(config: dict, concepts: dict) -> dict[str, list[tuple[str, list
     ev = config["evaluation"]
     source = concepts["source"]
     if source == "toy":
-        from sepen.toy.world import prompt_for
-
         return {
             "single": [(prompt_for([c]), [c]) for c in concepts["concepts"]],
             "trained_pairs": [(prompt_for(p), list(p)) for p in concepts["pairs"]["trained"]],
@@ -347,51 +343,22 @@ def shard_prompts(
     return method_prompts(plan, method, sets)[shard::shards]
 
 
+def attention_prompts(plan: dict, n: int) -> list[str]:
+    """Up to n multi-object prompts for the attention figure, taking each prompt set in turn."""
+    by_set = [
+        [p for p in ids if len(plan["prompts"][p]["concepts"]) > 1] for ids in plan["sets"].values()
+    ]
+    picked: list[str] = []
+    for k in range(max((len(ids) for ids in by_set), default=0)):
+        for ids in by_set:
+            if k < len(ids) and ids[k] not in picked and len(picked) < n:
+                picked.append(ids[k])
+    return picked
+
+
 def read_plan(path: str | Path) -> dict:
-    from sepen.artifacts import read_json
 
     plan = read_json(path, "plan file", "sepen prompts", ("format",))
     if plan.get("format") != PLAN_FORMAT:
         raise SepenError(f"{str(path)!r} is not a sepen prompt plan (format {PLAN_FORMAT})")
     return plan
-
-
-def concepts_cli(argv=None) -> int:
-    """`sepen concepts`: the experiment's concept lists with their seen/unseen splits."""
-    p = step_parser("sepen concepts", "Concept lists with their seen/unseen splits.")
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
-
-    def body():
-        write_json(args.out, concept_lists(load_config(args.config, args.set)))
-
-    return run_step("sepen concepts", body)
-
-
-def prompts_cli(argv=None) -> int:
-    """`sepen prompts`: prompt sets, seeds and the models to finetune (the plan)."""
-    p = step_parser("sepen prompts", "Prompt sets, seeds and the models to finetune.")
-    p.add_argument("--concepts", type=Path, required=True, help="concepts.json of `sepen concepts`")
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
-
-    def body():
-        from sepen.artifacts import read_json
-
-        concepts = read_json(
-            args.concepts, "concepts file", "sepen concepts", ("source", "concepts", "splits")
-        )
-        config = load_config(args.config, args.set)
-        plan = build_plan(config, concepts)
-        from sepen.models.required import check_all  # the first job: every missing model
-
-        check_all(config)  # is named here, in one message, before any other work
-        write_json(args.out, plan)
-        log.info(
-            "%d prompts x %d seeds, %d model(s)",
-            len(plan["order"]),
-            len(plan["seeds"]),
-            len(plan["models"]),
-        )
-
-    return run_step("sepen prompts", body)

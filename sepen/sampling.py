@@ -8,6 +8,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sepen.attention import install_capture
+from sepen.tokens import aggregate_token_maps
+
 
 def seeded_batches(prompts: Sequence[str], seeds: Sequence[int], batch_size: int, desc=None):
     """(first index, prompts, generators) per batch: item i gets a generator seeded by
@@ -69,8 +72,6 @@ def sample_with_maps(
     `resolutions` averaged at the largest grid, sub-tokens combined by `how`): entry i has shape
     (N_i, h, w). The pipeline's attention processors are restored afterwards.
     """
-    from sepen.attention import install_capture
-    from sepen.tokens import aggregate_token_maps
 
     unet = pipe.unet
     original = dict(unet.attn_processors)

@@ -68,7 +68,7 @@ def test_shipped_toy_models_match_their_configs(path):
     config = load_config(ROOT / path)
     summary = json.loads((ROOT / config["model"]["pretrained"] / "sepen_toy.json").read_text())
     toy = prepare_world(config)
-    assert summary["held_out_pairs"] == toy["_held_out_pairs"]
+    assert summary["held_out_pairs"] == toy.held_out_pairs
     assert summary["config"] == world_settings(toy)  # every setting the model depends on
 
 

@@ -134,13 +134,13 @@ def sd(tiny_model):
 
 
 def _generate(*argv):
-    from sepen.generate import cli
+    from sepen.cli.generate import cli
 
     return cli([*map(str, argv), "--set", "sampling.steps=2", "--set", "sampling.batch_size=3"])
 
 
 def test_generate_picks_each_prompts_delta_from_a_folder(tmp_path, sd, capsys):
-    from sepen.generate import choose_delta, delta_concepts
+    from sepen.cli.generate import choose_delta, delta_concepts
 
     deltas = tmp_path / "deltas"
     cat_dog = _delta(deltas, sd, ["cat", "dog"])
@@ -178,7 +178,7 @@ def test_generate_picks_each_prompts_delta_from_a_folder(tmp_path, sd, capsys):
 
 
 def test_generate_uses_a_joint_delta_that_covers_the_prompt(tmp_path, sd):
-    from sepen.generate import choose_delta, delta_concepts, parse_seeds
+    from sepen.cli.generate import choose_delta, delta_concepts, parse_seeds
 
     joint = _delta(tmp_path, sd, ["cat", "dog", "hat"], mode="joint")
     found = {joint: delta_concepts(joint)}
@@ -214,7 +214,7 @@ def test_a_full_rank_lora_read_by_diffusers_draws_what_the_delta_draws(tmp_path,
     files itself) draws with it what the delta draws."""
     from safetensors import safe_open
 
-    from sepen.lora import cli as export
+    from sepen.cli.export_lora import cli as export
     from sepen.lora import export_lora
     from sepen.models import load_pipeline
 
@@ -238,7 +238,8 @@ def test_a_full_rank_lora_read_by_diffusers_draws_what_the_delta_draws(tmp_path,
 
 
 def test_rank_for_reads_the_error_off_the_singular_values(tmp_path, sd, capsys):
-    from sepen.lora import rank_cli, rank_for, ranks_needed
+    from sepen.cli.lora_rank import cli as rank_cli
+    from sepen.lora import rank_for, ranks_needed
 
     s = torch.tensor([3.0, 2.0, 1.0, 0.0])  # error at rank r: sqrt(sum_{i>=r} s_i^2 / 14)
     assert [rank_for(s, e) for e in (0.0, 0.2, 0.3, 0.59, 0.6, 1.0)] == [3, 3, 2, 2, 1, 0]

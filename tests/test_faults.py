@@ -15,8 +15,9 @@ from conftest import TINY_TOY
 from safetensors.torch import load_file
 
 from sepen.atomic import write_json
+from sepen.cli.finetune import main, parse_args
 from sepen.config import load_config
-from sepen.finetune import checkpoint_problem, main, parse_args
+from sepen.finetune.state import checkpoint_problem
 from sepen.plan import build_plan
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
@@ -197,7 +198,7 @@ def test_results_get_the_mode_the_umask_gives(tmp_path, umask, mode):
     ],
 )
 def test_bad_finetune_input_leaves_no_state_folder(setup, capsys, override, message):
-    from sepen.finetune import cli
+    from sepen.cli.finetune import cli
 
     out = setup["dir"] / "e.safetensors"
     code = cli(["--config", str(setup["config"]), "--set", override, "--out", str(out), "--cpu"])
@@ -289,7 +290,7 @@ def _bad(setup, case):
                 config={},
             )
         argv = ["sample", "--config", cfg, "--plan", plan, "--method", "sepen"]
-        argv += ["--images-dir", str(d / "imgs"), "--model-dir", str(models), "--out", str(out)]
+        argv += ["--images-dir", str(d / "imgs"), "--deltas-dir", str(models), "--out", str(out)]
         return argv, "joint.safetensors", out
     if case == "metrics: missing manifest":
         return [*metrics, "--manifest", str(d / "none.json")], "none.json", out
@@ -338,7 +339,7 @@ def _bad(setup, case):
         return argv + ["--out", str(out)], "none.json", out
     if case == "premise: missing deltas":
         argv = ["toy", "premise", "--config", cfg, "--plan", plan]
-        argv += ["--model-dir", str(d / "nomodels"), "--out", str(out)]
+        argv += ["--deltas-dir", str(d / "nomodels"), "--out", str(out)]
         return argv, "joint.safetensors", out
     raise AssertionError(case)
 

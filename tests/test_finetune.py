@@ -8,7 +8,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from sepen.finetune import SignalSampler, cli, main, parse_args
+from sepen.cli.finetune import cli, main, parse_args
+from sepen.finetune.signal import SignalSampler, Task
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
@@ -108,7 +109,7 @@ def test_a_changed_finetuning_key_discards_the_old_checkpoints(config, tmp_path,
     assert [p.name for p in state.glob("checkpoint-*")] == ["checkpoint-2"]
     _run(
         "--config", config(steps=5, checkpointing_steps=3), "--out", tmp_path / "k.safetensors",
-        "--output-dir", state, "--resume", "latest", "--stop-after", 3,
+        "--state-dir", state, "--resume", "latest", "--stop-after", 3,
     )  # fmt: skip
     assert "resuming from" in caplog.text and "checkpoint-2 (step 2)" in caplog.text
     assert not (tmp_path / "k.safetensors").exists()
@@ -166,11 +167,11 @@ def test_signal_is_the_same_for_any_split_of_the_global_batch():
         seed=3,
         batch_size=1,
         gradient_accumulation_steps=2,
-        _norm_loss=True,
+        norm_loss=True,
     )
-    split = SignalSampler(ft, (4, 2, 2), 1000, 0.18, processes=2)
+    split = SignalSampler(Task.from_settings(ft), (4, 2, 2), 1000, 0.18, processes=2)
     whole = SignalSampler(
-        {**ft, "batch_size": 4, "gradient_accumulation_steps": 1},
+        Task.from_settings({**ft, "batch_size": 4, "gradient_accumulation_steps": 1}),
         (4, 2, 2),
         1000,
         0.18,
@@ -302,7 +303,7 @@ def test_accelerate_launch_multi_gpu_on_cpu_runs_two_gloo_processes(config, tmp_
 
 
 def test_base_sample_signal_draws_prompts_and_latents_from_the_pool(config, tmp_path):
-    from sepen.finetune import Batch
+    from sepen.finetune.signal import Batch
 
     ft = dict(
         mode="joint",
@@ -312,7 +313,7 @@ def test_base_sample_signal_draws_prompts_and_latents_from_the_pool(config, tmp_
         seed=0,
         batch_size=2,
         gradient_accumulation_steps=1,
-        _norm_loss=False,
+        norm_loss=False,
     )
     pool = {
         "pair": Batch(
@@ -323,7 +324,7 @@ def test_base_sample_signal_draws_prompts_and_latents_from_the_pool(config, tmp_
             torch.zeros(0),
         )
     }
-    sampler = SignalSampler(ft, (4, 2, 2), 1000, 0.18, processes=1, pool=pool)
+    sampler = SignalSampler(Task.from_settings(ft), (4, 2, 2), 1000, 0.18, processes=1, pool=pool)
     for step in range(5):
         pair, _ = sampler.step(step, 0, 0)
         for prompt, latent in zip(pair.prompts, pair.latents):

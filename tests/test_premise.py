@@ -116,8 +116,8 @@ def test_premise_on_the_shipped_model_puts_each_token_on_its_own_object(
     the object's area, 0.11-0.13 measured), and a finetuned delta changes images and values."""
     from pathlib import Path
 
+    from sepen.cli.finetune import cli as finetune
     from sepen.config import load_config
-    from sepen.finetune import cli as finetune
     from sepen.plan import build_plan
     from sepen.toy.premise import premise_check
 

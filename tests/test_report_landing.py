@@ -1,7 +1,7 @@
 """The report leads with the answer: the headline on the landing text and the metrics page,
 success first and then the failure kinds."""
 
-from sepen.report import (
+from sepen.report.tables import (
     card_rows,
     headline,
     landing_text,

@@ -35,7 +35,7 @@ def xl(tiny_sdxl):
 
 def _inputs(pipe, batch=2, seed=0, single=False):
     """A micro-batch with SDXL's real text conditioning (both encoders, pooled, time ids)."""
-    from sepen.finetune import TextEmbeddings
+    from sepen.finetune.conditioning import TextEmbeddings
 
     g = torch.Generator().manual_seed(seed)
     side = pipe.unet.config.sample_size
@@ -161,8 +161,8 @@ def test_sdxl_finetune_and_delta_round_trip(tiny_sdxl, tmp_path, monkeypatch):
     from accelerate.state import AcceleratorState
     from safetensors.torch import load_file
 
+    from sepen.cli.finetune import main, parse_args
     from sepen.delta import apply_delta
-    from sepen.finetune import main, parse_args
     from sepen.models import load_pipeline
     from sepen.sampling import sample
 
@@ -182,16 +182,16 @@ def test_sdxl_finetune_and_delta_round_trip(tiny_sdxl, tmp_path, monkeypatch):
             }
         )
     )
-    import sepen.finetune
+    import sepen.cli.finetune
 
     trained = {}  # the trained parameters as the loop leaves them, copied before any saving
-    agree = sepen.finetune.check_ranks_agree
+    agree = sepen.cli.finetune.check_ranks_agree
 
     def keep(accelerator, params):
         trained.update({n.removeprefix("module."): p.detach().clone() for n, p in params.items()})
         return agree(accelerator, params)
 
-    monkeypatch.setattr(sepen.finetune, "check_ranks_agree", keep)
+    monkeypatch.setattr(sepen.cli.finetune, "check_ranks_agree", keep)
     AcceleratorState._reset_state(reset_partial_state=True)
     delta = main(
         parse_args(["--config", str(cfg), "--out", str(tmp_path / "d.safetensors"), "--cpu"])
@@ -219,8 +219,8 @@ def test_sdxl_finetune_and_delta_round_trip(tiny_sdxl, tmp_path, monkeypatch):
 
 
 def test_attend_and_excite_is_refused_for_sdxl(xl):
+    from sepen.attend_excite import attend_excite_pipeline
     from sepen.errors import SepenError
-    from sepen.sample import attend_excite_pipeline
 
     with pytest.raises(SepenError, match="no Stable Diffusion XL pipeline"):
         attend_excite_pipeline(xl)

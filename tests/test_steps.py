@@ -44,13 +44,13 @@ def toy_setup(tmp_path, tiny_toy_model):
 
 
 def _sample(setup, method="base", extra=()):
-    from sepen.sample import cli
+    from sepen.cli.sample import cli
 
     d = setup["dir"]
     out = d / f"{method}.json"
     args = ["--config", str(setup["config"]), "--plan", str(setup["plan_path"])]
     args += ["--method", method, "--images-dir", str(d / method), "--out", str(out)]
-    assert cli([*args, "--model-dir", str(d / "models"), *extra]) == 0
+    assert cli([*args, "--deltas-dir", str(d / "models"), *extra]) == 0
     return json.loads(out.read_text())
 
 
@@ -75,7 +75,7 @@ def test_a_resumed_shard_draws_each_missing_image_in_the_batch_it_had(tmp_path):
     here a draw that writes its batch into the pixels shows that a resumed run gives each
     image the batch of the uninterrupted run, draws only the batches holding a missing image,
     and never rewrites a finished one."""
-    from sepen.sample import draw_and_save
+    from sepen.image_store import draw_and_save
 
     items = [(p, s) for p in ("a", "b", "c") for s in range(3)]
     groups = {"delta-1": items[:5], "delta-2": items[5:]}
@@ -133,12 +133,12 @@ def test_changed_sampling_settings_make_kept_images_stale(toy_setup):
 
 
 def test_sepen_sampling_without_its_delta_fails_before_loading_the_model(toy_setup, capsys):
-    from sepen.sample import cli
+    from sepen.cli.sample import cli
 
     d = toy_setup["dir"]
     args = ["--config", str(toy_setup["config"]), "--plan", str(toy_setup["plan_path"])]
     args += ["--method", "sepen", "--images-dir", str(d / "s"), "--out", str(d / "s.json")]
-    assert cli([*args, "--model-dir", str(d / "models")]) == 2
+    assert cli([*args, "--deltas-dir", str(d / "models")]) == 2
     assert "joint.safetensors" in capsys.readouterr().err
     assert not (d / "s").exists()
 
@@ -146,7 +146,7 @@ def test_sepen_sampling_without_its_delta_fails_before_loading_the_model(toy_set
 def test_delta_switcher_restores_the_base_weights(tiny_toy_model, tmp_path):
     from sepen.delta import save_delta
     from sepen.models import load_pipeline
-    from sepen.sample import DeltaSwitcher
+    from sepen.pipelines import DeltaSwitcher
 
     pipe = load_pipeline(tiny_toy_model)
     name = next(n for n, _ in pipe.unet.named_parameters() if n.endswith("attn2.to_k.weight"))
@@ -227,7 +227,8 @@ def test_aggregate_rejects_missing_or_repeated_images(toy_setup):
 
 
 def test_report_table_grid_and_losses(toy_setup):
-    from sepen.report import loss_figure, sample_grid, table_page
+    from sepen.report.figures import loss_figure, sample_grid
+    from sepen.report.tables import table_page
 
     plan = toy_setup["plan"]
     result = aggregate(
@@ -271,7 +272,8 @@ def test_report_table_grid_and_losses(toy_setup):
 
 def test_attention_maps_are_diffusers_own_cross_attention_averaged_over_steps(toy_setup):
     from sepen.models import load_pipeline
-    from sepen.report import attention_prompts, averaged_token_maps
+    from sepen.plan import attention_prompts
+    from sepen.report.attention_maps import averaged_token_maps
 
     plan = toy_setup["plan"]
     pid = attention_prompts(plan, 1)[0]
@@ -316,7 +318,7 @@ def test_attention_maps_are_diffusers_own_cross_attention_averaged_over_steps(to
 
 
 def test_finetune_plan_options_are_checked_before_any_work(toy_setup, capsys):
-    from sepen.finetune import cli
+    from sepen.cli.finetune import cli
 
     base = ["--config", str(toy_setup["config"]), "--out", str(toy_setup["dir"] / "d.safetensors")]
     assert cli([*base, "--plan", str(toy_setup["plan_path"])]) == 2
@@ -340,9 +342,9 @@ def test_fid_without_a_reference_folder_names_the_key(toy_setup, capsys):
 
 
 def test_premise_step_measures_base_and_sepen_on_the_plans_pair_prompts(toy_setup):
+    from sepen.cli.toy.premise import cli
     from sepen.delta import save_delta, unet_delta_tensors
     from sepen.models import load_pipeline
-    from sepen.toy.premise import cli
     from sepen.trainable import prepare_trainable, trainable_layers
 
     d = toy_setup["dir"]
@@ -358,7 +360,7 @@ def test_premise_step_measures_base_and_sepen_on_the_plans_pair_prompts(toy_setu
     )
     args = ["--config", str(toy_setup["config"]), "--plan", str(toy_setup["plan_path"])]
     args += ["--set", "toy.premise_images=2", "--out", str(d / "premise.json")]
-    assert cli([*args, "--model-dir", str(d / "models")]) == 0
+    assert cli([*args, "--deltas-dir", str(d / "models")]) == 0
     premise = json.loads((d / "premise.json").read_text())
     assert premise["images_per_prompt"] == 2 and set(premise["methods"]) == {"base", "sepen"}
     base_, same = (premise["methods"][m]["held_out_pairs"] for m in ("base", "sepen"))

@@ -7,18 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from sepen.toy.card import (
+from sepen.toy.card import criteria
+from sepen.toy.detect import regions
+from sepen.toy.geometry import key_cosine, soft_iou, spearman
+from sepen.toy.steering import (
     SteeringProcessor,
-    criteria,
-    key_cosine,
     object_side,
-    soft_iou,
-    spearman,
     steered,
     steering_bias,
     steering_counts,
 )
-from sepen.toy.detect import regions
 from sepen.toy.world import Placed, render
 
 
@@ -178,7 +176,7 @@ def test_card_cli_on_a_tiny_model_writes_every_section(tmp_path, tiny_toy_model)
 
     from conftest import write_toy_config
 
-    from sepen.toy.card import cli
+    from sepen.cli.toy.card import cli
 
     model = tmp_path / "model"
     shutil.copytree(tiny_toy_model, model)

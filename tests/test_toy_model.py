@@ -68,11 +68,11 @@ def test_pretrained_toy_model_loads_as_a_stable_diffusion_pipeline(tiny_toy_mode
 
 def test_sepen_on_the_toy_model_end_to_end(tmp_path, tiny_toy_model):
     """Pretrain (tiny) -> SepEn finetune (joint, norm loss) -> evaluate with paired seeds."""
+    from sepen.cli.finetune import main as finetune
+    from sepen.cli.finetune import parse_args
+    from sepen.cli.toy.evaluate import cli as evaluate_cli
     from sepen.delta import save_delta, unet_delta_tensors
-    from sepen.finetune import main as finetune
-    from sepen.finetune import parse_args
     from sepen.models import load_pipeline
-    from sepen.toy.evaluate import cli as evaluate_cli
     from sepen.trainable import prepare_trainable, trainable_layers
 
     cfg = write_toy_config(

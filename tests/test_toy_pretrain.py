@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from sepen.config import validate_config
 from sepen.errors import SepenError
-from sepen.toy.pretrain import grounded, pretrain, world_settings
+from sepen.toy.grounding import grounded
+from sepen.toy.pretrain import pretrain, world_settings
 from sepen.toy.world import Placed, prepare_world, scene_batch
 
 PARTS = (

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from sepen.errors import ConfigError
-from sepen.report import study_rows
+from sepen.report.tables import study_rows
 from sepen.toy.study import markdown_table, read_grid, run_study
 
 
@@ -129,7 +129,7 @@ def test_a_study_cell_may_not_change_what_is_evaluated(tmp_path, tiny_toy_model)
 
 
 def test_evaluate_rejects_a_non_positive_image_count(tmp_path, capsys):
-    from sepen.toy.evaluate import cli
+    from sepen.cli.toy.evaluate import cli
 
     code = cli(["--model", str(tmp_path / "m"), "--images", "0", "--out", str(tmp_path / "x")])
     assert code == 2
@@ -138,7 +138,7 @@ def test_evaluate_rejects_a_non_positive_image_count(tmp_path, capsys):
 
 
 def test_pretrain_rejects_an_unknown_concept_before_training(tmp_path, capsys):
-    from sepen.toy.pretrain import cli
+    from sepen.cli.toy.pretrain import cli
 
     code = cli(["--set", "toy.concepts=[circle, unicorn, star]", "--out", str(tmp_path / "m")])
     assert code == 2

@@ -134,39 +134,3 @@ def check_all(config: dict) -> None:
     if missing:
         listed = "; ".join(f"{r.label()}: {p}" for r, p in missing)
         raise ModelNotAvailableError(f"{len(missing)} model(s) missing: {listed}")
-
-
-def cli(argv=None) -> int:
-    from sepen.command import run_step, step_parser
-
-    p = step_parser("sepen models", "Every model a config needs, and whether it is here.")
-    p.add_argument(
-        "--download", action="store_true", help="fetch the missing ones (needs internet)"
-    )
-    args = p.parse_args(argv)
-
-    def body():
-        from sepen.config import load_config
-
-        config = load_config(args.config, args.set)
-        missing = []
-        for req in requirements(config):
-            why = problem(req)
-            print(f"{'present' if why is None else 'MISSING'}  {req.label()}")
-            if why is not None:
-                missing.append(req)
-        if args.download:
-            for req in missing:
-                print(f"downloading {req.label()} ...")
-                try:
-                    fetch(req)
-                except Exception as err:  # noqa: BLE001 - name the model and go on
-                    raise ModelNotAvailableError(
-                        f"could not download {req.label()}: {err}: check the name and the "
-                        f"connection (HF_ENDPOINT, proxies)"
-                    ) from err
-            check_all(config)
-        elif missing:
-            print(f"{len(missing)} missing: run `sepen models --config {args.config} --download`")
-
-    return run_step("sepen models", body)

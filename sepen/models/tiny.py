@@ -208,22 +208,3 @@ def save_tiny_pipeline(path: str | Path, seed: int = 0, sdxl: bool = False, **kw
     build = build_tiny_sdxl_pipeline if sdxl else build_tiny_pipeline
     build(seed=seed, **kwargs).save_pretrained(path, safe_serialization=True)
     return path
-
-
-def cli(argv=None) -> int:
-    """`sepen tiny-model --out DIR`: write a tiny random SD-architecture pipeline."""
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog="sepen tiny-model",
-        description="Save a tiny random-weight Stable Diffusion pipeline (real CLIP tokenizer) "
-        "for smoke runs and tests.",
-    )
-    p.add_argument("--out", type=Path, required=True, help="folder to save_pretrained into")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sample-size", type=int, default=16, help="latent side (image = 8x)")
-    p.add_argument("--sdxl", action="store_true", help="Stable Diffusion XL's layout")
-    args = p.parse_args(argv)
-    save_tiny_pipeline(args.out, seed=args.seed, sdxl=args.sdxl, sample_size=args.sample_size)
-    print(args.out)
-    return 0

@@ -1,8 +1,7 @@
-"""`sepen toy card`: the world card of a toy base model.
+"""The world card of a toy base model (`sepen toy card`).
 
 What a base model's world is like, measured before any SepEn number is looked at, on card seeds
-that no reported number uses (`toy.card.seed` onwards; the evaluation uses seeds from
-`evaluation.seed`, the pretraining validation 10000 onwards):
+that no reported number uses (`toy.card.seed` onwards; the seed ranges: sepen.toy.seeds):
 
 - success of the exact detector per single concept, trained pair and held-out pair, and the
   failure taxonomy of the held-out pairs' failing objects;
@@ -22,150 +21,30 @@ Writes `world_card.json` beside the model (or --out).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
-import torch
 
-from sepen.command import run_step, step_parser
-from sepen.config import load_config
-from sepen.errors import SepenError
+from sepen.attend_excite import attend_excite_pipeline, sample_attend_excite
+from sepen.models import load_pipeline
+from sepen.sampling import sample_with_maps
+from sepen.stats import bootstrap_ci, paired_difference
+from sepen.tokens import concept_token_positions
+from sepen.toy.detect import FAILURES, object_outcome, regions
+from sepen.toy.evaluate import generate, image_scores, prompt_kinds, rates, to_uint8
+from sepen.toy.geometry import key_cosine, soft_iou, spearman
+from sepen.toy.seeds import seed_range
+from sepen.toy.steering import steered, steering_bias, steering_counts
+from sepen.toy.world import prepare_world, prompt_for
 
 log = logging.getLogger("sepen.toy.card")
 
 CARD_FILE = "world_card.json"
 
 
-# ----------------------------------------------------------------------------- steering
-
-
-def steering_bias(side: int, tokens: int, left, right, strength: float) -> torch.Tensor:
-    """(side * side, tokens) additive logit bias: the `left` token positions get +strength on
-    the left half of a side x side grid and -strength on the right half; `right` the mirror.
-    Other tokens get 0. Rows are the grid's cells in row-major order (as attention queries)."""
-    bias = torch.zeros(side, side, tokens)
-    half = side // 2
-    for positions, sign in ((left, 1.0), (right, -1.0)):
-        for p in positions:
-            bias[:, :half, p] += sign * strength
-            bias[:, half:, p] -= sign * strength
-    return bias.reshape(side * side, tokens)
-
-
-class SteeringProcessor:
-    """diffusers' AttnProcessor2_0 with a steering bias added to the conditional half's logits.
-
-    `bias(side, tokens)` gives the (side * side, tokens) bias for a layer's grid; with
-    classifier-free guidance the batch is [unconditional, conditional] and only the second half
-    is steered (`cond_only`).
-    """
-
-    def __init__(self, bias, cond_only: bool = True):
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        self.bias, self.cond_only, self.inner = bias, cond_only, AttnProcessor2_0()
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
-        if attention_mask is not None:
-            raise SepenError("the steering test does not combine with an attention mask")
-        batch, length = hidden_states.shape[0], hidden_states.shape[-2]
-        if hidden_states.ndim == 4:
-            length = hidden_states.shape[-1] * hidden_states.shape[-2]
-        side = int(round(length**0.5))
-        tokens = encoder_hidden_states.shape[1]
-        bias = self.bias(side, tokens).to(hidden_states.device, hidden_states.dtype)
-        mask = torch.zeros(batch, length, tokens, dtype=bias.dtype, device=bias.device)
-        first = batch // 2 if self.cond_only else 0
-        mask[first:] = bias
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask=mask, **kw)
-
-
-@contextlib.contextmanager
-def steered(unet, bias):
-    """Context: every cross-attention layer (attn2) steered by `bias`; processors restored."""
-    original = dict(unet.attn_processors)
-    processors = {
-        k: (SteeringProcessor(bias) if ".attn2." in k else v) for k, v in original.items()
-    }
-    unet.set_attn_processor(processors)
-    try:
-        yield
-    finally:
-        unet.set_attn_processor(original)
-
-
-def object_side(found, concept: str, width: int) -> str | None:
-    """'left' or 'right': the half holding the centre of the concept's biggest counted region
-    (None when the detector did not find it)."""
-    own = [r for r in found if r.concept == concept and r.counts]
-    if not own:
-        return None
-    biggest = max(own, key=lambda r: r.area)
-    xs = np.nonzero(biggest.mask)[1] + 0.5
-    return "left" if xs.mean() < width / 2 else "right"
-
-
-def steering_counts(images: np.ndarray, pair: Sequence[str]) -> dict[str, int]:
-    """How many images show the pair's first object on the left and the second on the right."""
-    from sepen.toy.detect import regions
-
-    first = second = both = 0
-    for im in images:
-        found = regions(im)
-        a = object_side(found, pair[0], im.shape[1]) == "left"
-        b = object_side(found, pair[1], im.shape[1]) == "right"
-        first, second, both = first + a, second + b, both + (a and b)
-    return {"first_left": first, "second_right": second, "both": both, "n": len(images)}
-
-
-# ----------------------------------------------------------------------------- keys and maps
-
-
-def soft_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Overlap of two attention maps, each normalised to sum 1: sum(min) / sum(max)."""
-    a = np.asarray(a, np.float64) / max(float(np.sum(a)), 1e-12)
-    b = np.asarray(b, np.float64) / max(float(np.sum(b)), 1e-12)
-    return float(np.minimum(a, b).sum() / np.maximum(a, b).sum())
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
-
-
-def key_cosine(pipe, prompt: str, positions) -> float:
-    """Mean over the UNet's cross-attention layers of the cosine similarity of the first two
-    concepts' keys (each concept's sub-token keys averaged) for `prompt`."""
-    from sepen.tokens import prompt_ids
-
-    with torch.no_grad():
-        hidden = pipe.text_encoder(prompt_ids(pipe.tokenizer, [prompt]))[0][0]
-        values = []
-        for name, module in pipe.unet.named_modules():
-            if name.endswith("attn2"):
-                keys = module.to_k(hidden)
-                a, b = (keys[list(p)].mean(0) for p in positions[:2])
-                values.append(cosine(a, b))
-    return float(np.mean(values))
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Spearman's rank correlation (None when either side is constant or too short)."""
-    from scipy.stats import spearmanr
-
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return None
-    return float(spearmanr(x, y).statistic)
-
-
-# ----------------------------------------------------------------------------- the card
-
-
 def failing_objects(images: np.ndarray, named: Sequence[Sequence[str]]) -> dict[str, int]:
     """Outcome counts of the named objects that were not found, over images."""
-    from sepen.toy.detect import FAILURES, object_outcome, regions
 
     counts = dict.fromkeys(FAILURES, 0)
     for im, names in zip(images, named):
@@ -187,18 +66,11 @@ def _pair_key(pair) -> str:
 
 def card(config: dict, model: str, progress: bool = True) -> dict:
     """Measure the world card of the toy base model at `model` (see the module doc)."""
-    from sepen.models import load_pipeline
-    from sepen.sample import attend_excite_pipeline, sample_attend_excite
-    from sepen.sampling import sample_with_maps
-    from sepen.stats import bootstrap_ci, paired_difference
-    from sepen.tokens import concept_token_positions
-    from sepen.toy.evaluate import generate, image_scores, prompt_kinds, rates, to_uint8
-    from sepen.toy.world import prepare_world, prompt_for
 
     toy = prepare_world(config)
     cc, sp = toy["card"], config["sampling"]
     n, seed0 = cc["images_per_prompt"], cc["seed"]
-    seeds = list(range(seed0, seed0 + n))
+    seeds = seed_range(seed0, n)
     pipe = load_pipeline(model)
     desc = (lambda text: text) if progress else (lambda text: None)
 
@@ -229,7 +101,7 @@ def card(config: dict, model: str, progress: bool = True) -> dict:
             for i, c in enumerate(options)
         }
     out["per_prompt"] = per_prompt
-    held = toy["_held_out_pairs"]
+    held = toy.held_out_pairs
     held_named = [list(c) for c in held for _ in seeds]
     out["taxonomy"] = {
         kind: {k: v["mean"] for k, v in rates(rows).items() if k.startswith("fail_")}
@@ -375,33 +247,3 @@ def criteria(card: dict, cc: dict) -> dict:
         "attend_excite_lift": (chosen["minus_base"]["mean"], chosen["minus_base"]["mean"] >= 0.10),
     }
     return {k: {"value": v, "holds": bool(ok)} for k, (v, ok) in rows.items()}
-
-
-def parse_args(argv=None):
-    p = step_parser("sepen toy card", __doc__.split("\n")[0], config_required=False)
-    p.add_argument("--model", required=True, type=Path, help="the toy base model folder")
-    p.add_argument("--out", type=Path, help=f"the card (default: <model>/{CARD_FILE})")
-    return p.parse_args(argv)
-
-
-def main(args) -> dict:
-    from sepen.atomic import write_json
-
-    config = load_config(args.config, args.set)
-    if not (args.model / "model_index.json").is_file():
-        raise SepenError(
-            f"--model {str(args.model)!r} is not a toy pipeline folder (no model_index.json): "
-            "give a folder made by `sepen toy pretrain`"
-        )
-    result = card(config, str(args.model))
-    write_json(args.out or args.model / CARD_FILE, result)
-    for name, row in result["criteria"].items():
-        value = row["value"]
-        shown = "-" if value is None else f"{value:.3f}"
-        log.info("%-36s %s  %s", name, shown, "holds" if row["holds"] else "fails")
-    return result
-
-
-def cli(argv=None) -> int:
-    args = parse_args(argv)
-    return run_step("sepen toy card", lambda: main(args))

@@ -3,33 +3,25 @@
 A checkpoint `checkpoint-<step>` holds everything the next step depends on: the weights of the
 autoencoder, UNet and text encoder, the optimizer's moments, the learning-rate schedule's
 position, the data stream's numpy generator, the noise generator and torch's global generator.
-Tensors are safetensors files, the rest JSON (nothing is unpickled). A checkpoint is written
-into a hidden folder and renamed when complete, so a run stopped at any moment leaves only
-complete checkpoints; resuming from one continues the run bit for bit.
+Tensors are safetensors files, the rest JSON (nothing is unpickled). Writing, finding and
+pruning follow `sepen.checkpoints`, the protocol finetuning uses too; resuming from a
+checkpoint continues the run bit for bit.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from sepen.errors import SepenError
-
-log = logging.getLogger("sepen.toy.checkpoints")
+from sepen import checkpoints as protocol
 
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
 PARTS = ("vae", "unet", "text_encoder")
-
-
-def step_of(folder: Path) -> int:
-    return int(folder.name.split("-")[1])
 
 
 def checkpoint_problem(folder: Path) -> str | None:
@@ -55,44 +47,18 @@ def checkpoint_problem(folder: Path) -> str | None:
 def find_checkpoint(
     state_dir: Path, resume: str | None, settings: dict, at_most: int | None = None
 ) -> Path | None:
-    """The checkpoint to continue from: a given folder, or the newest complete one ('latest')
-    of a step <= `at_most` (when given).
-
-    'latest' skips incomplete or damaged checkpoints (with a warning) and ignores checkpoints
-    of other world or pretraining settings (they would give another model), starting anew.
-    """
-    if not resume:
-        return None
-    if resume != "latest":
-        path = Path(resume)
-        problem = "it does not exist" if not path.is_dir() else checkpoint_problem(path)
-        if problem:
-            raise SepenError(
-                f"pretraining checkpoint {resume!r} cannot be resumed from: {problem}; "
-                "use --resume latest (the newest complete checkpoint) or start anew"
-            )
-        if at_most is not None and step_of(path) > at_most:
-            raise SepenError(
-                f"pretraining checkpoint {resume!r} is past step {at_most} (--until); "
-                "give an earlier checkpoint or a later --until"
-            )
-        if read_state(path)["settings"] != settings:
-            raise SepenError(
-                f"pretraining checkpoint {resume!r} was made with other toy settings; "
-                "use the config it was made with, or start anew without --resume"
-            )
-        return path
-    found = sorted(state_dir.glob("checkpoint-*"), key=step_of, reverse=True)
-    for folder in [f for f in found if at_most is None or step_of(f) <= at_most]:
-        problem = checkpoint_problem(folder)
-        if problem is not None:
-            log.warning("skipping %s: %s; trying an older checkpoint", folder, problem)
-            continue
-        if read_state(folder)["settings"] != settings:
-            log.warning("%s is from other toy settings: starting anew", folder)
-            return None
-        return folder
-    return None
+    """The checkpoint to continue from (sepen.checkpoints' protocol): a given folder, or the
+    newest complete one ('latest') of a step <= `at_most` (when given). Each checkpoint carries
+    its world and pretraining settings; one of other settings would give another model."""
+    return protocol.find_checkpoint(
+        state_dir,
+        resume,
+        checkpoint_problem,
+        what="pretraining checkpoint",
+        at_most=at_most,
+        same_settings=lambda folder: read_state(folder)["settings"] == settings,
+        settings_name="toy settings",
+    )
 
 
 def read_state(folder: Path) -> dict:
@@ -123,10 +89,8 @@ def save_checkpoint(state_dir: Path, step: int, pipe, opt, sched, rng, g, extra:
     """Write `checkpoint-<step>` (hidden until complete) and return it."""
     from safetensors.torch import save_file
 
-    from sepen.atomic import fsync_dir, fsync_tree
-
     state_dir.mkdir(parents=True, exist_ok=True)
-    folder, tmp = state_dir / f"checkpoint-{step}", state_dir / f".checkpoint-{step}.tmp"
+    tmp = protocol.partial_folder(state_dir, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     weights = {
@@ -148,11 +112,7 @@ def save_checkpoint(state_dir: Path, step: int, pipe, opt, sched, rng, g, extra:
     if state["lr_schedule"] is not None:  # the schedule's function is code, not state
         state["lr_schedule"].pop("lr_lambdas", None)
     (tmp / STATE).write_text(json.dumps(state))
-    fsync_tree(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.rename(tmp, folder)
-    fsync_dir(state_dir)
-    return folder
+    return protocol.publish(tmp, state_dir, step)
 
 
 def load_weights(folder: Path, pipe) -> None:
@@ -182,15 +142,7 @@ def load_checkpoint(folder: Path, pipe, opt, sched, rng, g) -> dict:
     return state
 
 
-def prune(state_dir: Path, keep: int | None) -> None:
-    """Remove all but the newest `keep` checkpoints (None keeps them all)."""
-    if keep is None:
-        return
-    found = sorted(state_dir.glob("checkpoint-*"), key=step_of)
-    for old in found[: max(0, len(found) - keep)]:
-        shutil.rmtree(old)
-
-
-def clean_partial(state_dir: Path) -> None:
-    for tmp in state_dir.glob(".checkpoint-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+# the protocol's own steps, under the names pretraining uses
+step_of = protocol.step_of
+prune = protocol.prune
+clean_partial = protocol.clean_partial

@@ -1,4 +1,4 @@
-"""`sepen toy diagnose`: what a SepEn delta did to one prompt of the toy world, and why.
+"""What a SepEn delta did to one prompt of the toy world, and why (`sepen toy diagnose`).
 
 For one multi-object prompt, the base model and the model with the delta sample the same
 seeds; for each: the exact detector's success and failure taxonomy; where the cross-attention
@@ -16,15 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
-from sepen.command import run_step, step_parser
-from sepen.config import load_config
+from sepen.delta import apply_delta, read_delta
 from sepen.errors import SepenError
+from sepen.models import load_pipeline
+from sepen.sampling import sample_with_maps
+from sepen.tokens import concept_token_positions, prompt_ids
+from sepen.toy.evaluate import image_scores, rates, to_uint8
+from sepen.toy.geometry import key_cosine, soft_iou
+from sepen.toy.world import prompt_for
 
 
 def token_groups(tokenizer, prompt: str, concepts: Sequence[str]) -> dict[str, list[int]]:
     """Every token position of the padded prompt in one group: 'start', each concept, 'words'
     (the prompt's other tokens), 'end' (the end token and the padding after it)."""
-    from sepen.tokens import concept_token_positions, prompt_ids
 
     ids = prompt_ids(tokenizer, [prompt])[0].tolist()
     positions = concept_token_positions(tokenizer, prompt, concepts)
@@ -38,7 +42,6 @@ def token_groups(tokenizer, prompt: str, concepts: Sequence[str]) -> dict[str, l
 
 def key_change(pipe, delta: str | Path) -> dict[str, float]:
     """Relative Frobenius norm ||W_delta - W_base|| / ||W_base|| of every tensor of the delta."""
-    from sepen.delta import read_delta
 
     tensors, metadata = read_delta(delta)
     if metadata.get("trainable") == "lora":
@@ -52,11 +55,6 @@ def key_change(pipe, delta: str | Path) -> dict[str, float]:
 
 def measure(pipe, concepts: Sequence[str], seeds: Sequence[int], config: dict) -> dict:
     """Success, taxonomy, attention budget, key cosine and map overlap of one prompt."""
-    from sepen.sampling import sample_with_maps
-    from sepen.tokens import concept_token_positions
-    from sepen.toy.card import key_cosine, soft_iou
-    from sepen.toy.evaluate import image_scores, rates, to_uint8
-    from sepen.toy.world import prompt_for
 
     sp, ft = config["sampling"], config["finetune"]
     prompt = prompt_for(list(concepts))
@@ -88,7 +86,6 @@ def measure(pipe, concepts: Sequence[str], seeds: Sequence[int], config: dict) -
 
 
 def diagnose(config: dict, model: str, delta: str | None, concepts, seeds) -> dict:
-    from sepen.models import load_pipeline
 
     pipe = load_pipeline(model)
     out = {"prompt_concepts": list(concepts), "seeds": [seeds[0], seeds[-1]]}
@@ -96,33 +93,7 @@ def diagnose(config: dict, model: str, delta: str | None, concepts, seeds) -> di
     if delta is not None:
         change = key_change(pipe, delta)
         out["key_change"] = {"mean": float(np.mean(list(change.values()))), "per_tensor": change}
-        from sepen.delta import apply_delta
 
         apply_delta(pipe, delta)
         out["sepen"] = measure(pipe, concepts, seeds, config)
     return out
-
-
-def cli(argv=None) -> int:
-    p = step_parser("sepen toy diagnose", __doc__.split("\n")[0], config_required=False)
-    p.add_argument("--model", required=True, help="the toy base model folder")
-    p.add_argument("--delta", help="a SepEn delta (full to_k weights) to compare")
-    p.add_argument("--concepts", nargs="+", required=True, help="the prompt's objects (2+)")
-    p.add_argument("--images", type=int, default=16)
-    p.add_argument("--seed", type=int, default=50_000, help="first seed (default: card seeds)")
-    p.add_argument("--out", type=Path, required=True, help="JSON")
-    args = p.parse_args(argv)
-
-    def body():
-        from sepen.atomic import write_json
-
-        if len(args.concepts) < 2 or args.images < 1:
-            raise SepenError(
-                f"--concepts {args.concepts} / --images {args.images}: give two or more "
-                "concepts and at least one image"
-            )
-        config = load_config(args.config, args.set)
-        seeds = list(range(args.seed, args.seed + args.images))
-        write_json(args.out, diagnose(config, args.model, args.delta, args.concepts, seeds))
-
-    return run_step("sepen toy diagnose", body)

@@ -6,9 +6,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sepen.delta import apply_delta
+from sepen.models import load_pipeline
 from sepen.sampling import sample
-from sepen.stats import bootstrap_ci
+from sepen.stats import bootstrap_ci, paired_difference
 from sepen.toy.detect import regions, score_regions
+from sepen.toy.world import prepare_world, prompt_for
 
 
 def generate(
@@ -48,8 +51,8 @@ def prompt_kinds(toy: dict) -> dict[str, list[list[str]]]:
     """The concept lists evaluated: single objects, trained pairs, held-out pairs."""
     return {
         "single": [[c] for c in toy["concepts"]],
-        "trained_pairs": toy["_trained_pairs"],
-        "held_out_pairs": toy["_held_out_pairs"],
+        "trained_pairs": toy.trained_pairs,
+        "held_out_pairs": toy.held_out_pairs,
     }
 
 
@@ -65,7 +68,6 @@ def evaluation_prompts(toy: dict, n_images: int, seed: int = 0) -> dict[str, lis
 
 def sample_and_score(pipe, named: dict[str, list[list[str]]], sampling: dict, seed: int = 0):
     """Per-image scores and images of one method, by kind; image i of a kind has seed + i."""
-    from sepen.toy.world import prompt_for
 
     rows, images = {}, {}
     for kind, concepts in named.items():
@@ -84,7 +86,6 @@ def sample_and_score(pipe, named: dict[str, list[list[str]]], sampling: dict, se
 
 def compare(rows: dict[str, dict[str, list]]) -> dict:
     """Rates per method and kind, and the paired difference of each method to 'base'."""
-    from sepen.stats import paired_difference
 
     out = {}
     for kind in rows["base"]:
@@ -109,9 +110,6 @@ def evaluate(
     Every method samples the same prompts with the same seeds, so differences are paired.
     Returns the metrics and the images by '<method>/<kind>'.
     """
-    from sepen.delta import apply_delta
-    from sepen.models import load_pipeline
-    from sepen.toy.world import prepare_world
 
     toy = prepare_world(config)
     methods = {"base": load_pipeline(model)}
@@ -132,49 +130,3 @@ def image_grid(images: dict[str, np.ndarray], per_row: int = 8, scale: int = 4) 
     rows = [np.concatenate(list(v[:per_row]), axis=1) for v in images.values()]
     grid = np.concatenate(rows, axis=0)
     return grid.repeat(scale, 0).repeat(scale, 1)
-
-
-def cli(argv=None) -> int:
-    import argparse
-    import sys
-    from pathlib import Path
-
-    from PIL import Image
-
-    from sepen.atomic import write_json
-    from sepen.config import load_config
-    from sepen.errors import SepenError
-    from sepen.logs import setup_logging
-
-    p = argparse.ArgumentParser(
-        prog="sepen toy evaluate", description="Exact-detector metrics of the toy world."
-    )
-    p.add_argument("--config", type=Path)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--model", required=True, help="the toy base model folder")
-    p.add_argument("--delta", help="a SepEn delta to compare with the base model")
-    p.add_argument("--images", type=int, default=64, help="images per prompt kind and method")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True, help="metrics JSON")
-    p.add_argument("--grid", type=Path, help="PNG of sample images (same seeds per method)")
-    args = p.parse_args(argv)
-    setup_logging()
-    try:
-        if args.images < 1:
-            raise SepenError(f"--images {args.images} must be at least 1")
-        config = load_config(args.config, args.set)
-        metrics, images = evaluate(config, args.model, args.delta, args.images, args.seed)
-    except SepenError as err:
-        print(f"sepen toy evaluate: error: {err}", file=sys.stderr)
-        return 2
-    write_json(args.out, metrics)
-    if args.grid:
-        Image.fromarray(image_grid(images)).save(args.grid)
-    for kind, entry in metrics["kinds"].items():
-        for method in metrics["methods"]:
-            s = entry[method]["success"]
-            print(
-                f"{kind:15s} {method:6s} success {s['mean']:.3f} "
-                f"[{s['lo']:.3f}, {s['hi']:.3f}] n={s['n']}"
-            )
-    return 0

@@ -1,4 +1,5 @@
-"""`sepen toy premise`: does each object token attend to its own object, and does SepEn's
+"""The premise check (`sepen toy premise`): does each object token attend to its own object,
+and does SepEn's
 loss on the base model's maps predict which images fail?
 
 Measured on the model's own samples, as a person would look at them: every multi-object prompt
@@ -17,18 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from sepen.atomic import write_json
-from sepen.command import run_step, step_parser
-from sepen.config import load_config
-from sepen.errors import SepenError
+from sepen.losses import enhance_loss, separate_loss
+from sepen.models import load_pipeline
+from sepen.pipelines import DeltaSwitcher, prompts_by_delta
+from sepen.sampling import sample_with_maps
+from sepen.stats import auc_ci, bootstrap_ci
+from sepen.tokens import concept_token_positions
+from sepen.toy.detect import regions, score_regions
+from sepen.toy.evaluate import to_uint8
+from sepen.toy.grounding import cell_fractions
 
 VALUES = ("separate", "enhance", "total")
-
-
-def cell_fractions(mask: np.ndarray, side: int) -> np.ndarray:
-    """Fraction of each cell of a side x side grid covered by a boolean image mask."""
-    f = mask.shape[0] // side
-    return mask.reshape(side, f, side, f).mean((1, 3))
 
 
 def object_masks(found, named: Sequence[str]) -> list[np.ndarray | None]:
@@ -75,8 +75,6 @@ def loss_values(maps: np.ndarray, kernel: str = "authors") -> dict[str, float]:
     """SepEn's separate and enhance values (and separate + enhance / 2) of one image's maps."""
     import torch
 
-    from sepen.losses import enhance_loss, separate_loss
-
     t = torch.as_tensor(np.asarray(maps, dtype=np.float32))[None, :, None]  # (1, N, 1, h, w)
     sep = float(separate_loss(t))
     enh = float(enhance_loss(t, kernel=kernel))
@@ -85,7 +83,6 @@ def loss_values(maps: np.ndarray, kernel: str = "authors") -> dict[str, float]:
 
 def image_record(image: np.ndarray, maps: np.ndarray, named: Sequence[str], kernel: str) -> dict:
     """Detector outcome, attention shares and loss values of one generated image."""
-    from sepen.toy.detect import regions, score_regions
 
     found = regions(image)
     return {
@@ -98,7 +95,6 @@ def image_record(image: np.ndarray, maps: np.ndarray, named: Sequence[str], kern
 def summarise(records: Sequence[dict], n_boot: int = 2000) -> dict:
     """Mean shares with bootstrap CIs over found objects, and the AUC of each loss value
     for predicting failure (1 - success) over images (None when every image fails or passes)."""
-    from sepen.stats import auc_ci, bootstrap_ci
 
     shares = [s for r in records for s in r["shares"] if s is not None]
     out: dict = {"images": len(records), "objects_found": len(shares)}
@@ -116,9 +112,6 @@ def summarise(records: Sequence[dict], n_boot: int = 2000) -> dict:
 
 def measure(pipe, plan: dict, prompt_ids: Sequence[str], seeds, config: dict) -> list[dict]:
     """One record per (prompt, seed): sample with the maps, detect, measure."""
-    from sepen.sampling import sample_with_maps
-    from sepen.tokens import concept_token_positions
-    from sepen.toy.evaluate import to_uint8
 
     sp, ft = config["sampling"], config["finetune"]
     items = [(pid, s) for pid in prompt_ids for s in seeds]
@@ -145,8 +138,6 @@ def measure(pipe, plan: dict, prompt_ids: Sequence[str], seeds, config: dict) ->
 
 def premise_check(config: dict, plan: dict, model: str, model_dir: Path | None) -> dict:
     """Per method (base, and sepen with each prompt's delta) and pair set: the summary."""
-    from sepen.models import load_pipeline
-    from sepen.sample import DeltaSwitcher, prompts_by_delta
 
     n = config["toy"]["premise_images"]
     seeds = plan["seeds"][:n]
@@ -171,32 +162,3 @@ def premise_check(config: dict, plan: dict, model: str, model_dir: Path | None) 
         out["methods"][method] = by_set
     switcher.use(None)
     return out
-
-
-def cli(argv=None) -> int:
-    p = step_parser("sepen toy premise", __doc__.split("\n")[0])
-    p.add_argument("--plan", type=Path, required=True, help="prompts.json of `sepen prompts`")
-    p.add_argument("--model", help="the toy base model folder (default: model.pretrained)")
-    p.add_argument("--model-dir", type=Path, help="folder of the SepEn deltas (the plan's models)")
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
-
-    def body():
-        from sepen.plan import read_plan
-
-        config = load_config(args.config, args.set)
-        if config["toy"]["premise_images"] < 1:
-            raise SepenError("toy.premise_images is 0: set it to 1 or more to run the check")
-        plan = read_plan(args.plan)
-        if args.model_dir is not None:
-            missing = sorted(
-                str(args.model_dir / f"{m}.safetensors")
-                for m in plan["models"]
-                if not (args.model_dir / f"{m}.safetensors").is_file()
-            )
-            if missing:
-                raise SepenError(f"deltas missing: {missing[:3]}: run `sepen finetune` for them")
-        model = args.model or config["model"]["pretrained"]
-        write_json(args.out, premise_check(config, plan, model, args.model_dir))
-
-    return run_step("sepen toy premise", body)

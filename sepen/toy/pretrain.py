@@ -1,4 +1,4 @@
-"""`sepen toy pretrain`: train the toy world's base text-to-image model from scratch.
+"""Training of the toy world's base text-to-image model from scratch (`sepen toy pretrain`).
 
 First a one-level autoencoder (latents at pixel resolution), then the UNet and the text encoder
 jointly, with empty prompts for classifier-free guidance. Deterministic for a seed on CPU.
@@ -8,7 +8,6 @@ held-out pairs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -23,11 +22,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sepen.command import run_step, step_parser
-from sepen.config import load_config
+from sepen.attention import install_capture
 from sepen.errors import SepenError
 from sepen.tokens import concept_token_positions, prompt_ids
+from sepen.toy import checkpoints as ck
+from sepen.toy.evaluate import generate, prompt_kinds, score
+from sepen.toy.grounding import grounded, grounding_labels, grounding_loss
 from sepen.toy.model import build_toy_pipeline
+from sepen.toy.seeds import VALIDATION_SEED
 from sepen.toy.world import prepare_world, prompt_for, scene_batch
 
 log = logging.getLogger("sepen.toy.pretrain")
@@ -51,7 +53,7 @@ def _progress(total: int, desc: str, enabled: bool, start: int = 0):
 
 
 def train_vae(vae, rng, toy: dict, steps: int, batch: int, progress: bool) -> float:
-    concepts, pairs = toy["concepts"], toy["_trained_pairs"]
+    concepts, pairs = toy["concepts"], toy.trained_pairs
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     vae.train()
     loss = torch.tensor(0.0)
@@ -77,50 +79,6 @@ def train_vae(vae, rng, toy: dict, steps: int, batch: int, progress: bool) -> fl
         "autoencoder: reconstruction MSE %.5f, latent scale %.4f", recon, vae.config.scaling_factor
     )
     return recon
-
-
-def grounding_labels(layouts, positions, side: int, size: int) -> torch.Tensor:
-    """Which text token each cell of a side x side attention grid should attend to.
-
-    A cell at least half covered by a named object gets that object's token position; a cell no
-    object touches gets 0, the start token (the attention sink of Stable Diffusion's
-    background); partly covered cells get -1 (ignored). `positions[b]` are the token positions
-    of image b's objects in layout order (an empty list for an empty prompt: every cell 0).
-    """
-    from sepen.toy.premise import cell_fractions
-    from sepen.toy.world import CONCEPTS, shape_mask
-
-    labels = torch.zeros((len(layouts), side, side), dtype=torch.long)
-    for b, (objects, pos) in enumerate(zip(layouts, positions)):
-        covered = np.zeros((side, side))
-        for k, obj in enumerate(objects):
-            mask = shape_mask(CONCEPTS[obj.concept].shape, obj.cx, obj.cy, obj.r, size)
-            frac = cell_fractions(mask, side)
-            covered = np.maximum(covered, frac)
-            if pos:
-                labels[b][torch.from_numpy(frac >= 0.5)] = int(pos[k][0])
-        partial = (covered > 0) & ((covered < 0.5) | (not pos))
-        labels[b][torch.from_numpy(partial)] = -1
-    return labels
-
-
-def grounding_loss(maps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean -log attention on the labelled token over the labelled cells.
-
-    maps: (B, h, w, T) attention probabilities (heads and layers averaged); labels: (B, h, w)
-    token positions, -1 ignored.
-    """
-    keep = labels >= 0
-    picked = maps[keep].gather(-1, labels[keep][:, None]).squeeze(-1)
-    return -(picked.clamp_min(1e-8).log()).mean()
-
-
-def grounded(named: list[str], objects: list, which: str) -> bool:
-    """Whether an image's attention is grounded: its caption names every object it shows, and
-    with `which` 'single' it shows one object only (composing is then left to the model)."""
-    if len(named) != len(objects):
-        return False
-    return which == "all" or len(objects) == 1
 
 
 class Run:
@@ -153,8 +111,6 @@ def train_denoiser(run: Run, toy: dict, until: int, progress: bool, save=None) -
     bar = _progress(until, "pretrain", progress, start=run.step)
     store, weight = None, pre["grounding"]
     if weight > 0:  # attention grounding (TokenCompose-style): each object's cells attend its token
-        from sepen.attention import install_capture
-
         side = unet.config.sample_size
         processors = dict(unet.attn_processors)
         store = install_capture(unet, pre["grounding_resolutions"], side, detach_start_token=False)
@@ -163,7 +119,7 @@ def train_denoiser(run: Run, toy: dict, until: int, progress: bool, save=None) -
             rng,
             pre["batch_size"],
             toy["concepts"],
-            toy["_trained_pairs"],
+            toy.trained_pairs,
             toy["pair_fraction"],
             toy["radius"],
             one_name_fraction=toy["one_name_fraction"],
@@ -220,9 +176,8 @@ def train_denoiser(run: Run, toy: dict, until: int, progress: bool, save=None) -
     return losses
 
 
-def validate(pipe, toy: dict, sampling: dict, n: int, seed: int = 10_000) -> dict:
+def validate(pipe, toy: dict, sampling: dict, n: int, seed: int = VALIDATION_SEED) -> dict:
     """Exact-detector rates (with 95% CIs) for single objects, trained and held-out pairs."""
-    from sepen.toy.evaluate import generate, prompt_kinds, score
 
     rng = np.random.default_rng(seed)
     results = {}
@@ -262,8 +217,8 @@ def _write_model(pipe, toy: dict, config: dict, run: Run, out: Path, until: int)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         summary = {
-            "trained_pairs": toy["_trained_pairs"],
-            "held_out_pairs": toy["_held_out_pairs"],
+            "trained_pairs": toy.trained_pairs,
+            "held_out_pairs": toy.held_out_pairs,
             "autoencoder_mse": run.recon,
             "final_loss": float(np.mean(run.losses[-50:])),
             "training_seconds": round(run.seconds, 1),
@@ -304,7 +259,6 @@ def pretrain(
     used as it is), so a checkpoint chosen by the world card becomes a model. `stop_after`
     stops after that step without writing the model (an interruption).
     """
-    from sepen.toy import checkpoints as ck
 
     toy = prepare_world(config)
     pre = toy["pretrain"]
@@ -363,61 +317,3 @@ def pretrain(
         log.info("stopped after step %d (--stop-after); the model is not written", stop)
         return None
     return _write_model(pipe, toy, config, run, out, until)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = step_parser("sepen toy pretrain", __doc__.split("\n")[0], config_required=False)
-    p.add_argument("--out", type=Path, required=True, help="folder for the saved pipeline")
-    p.add_argument(
-        "--state-dir",
-        type=Path,
-        help="checkpoints of the run (default: <out>.state); written every "
-        "toy.pretrain.checkpointing_steps",
-    )
-    p.add_argument("--resume", help="'latest' or a checkpoint folder to continue from")
-    p.add_argument(
-        "--until",
-        type=int,
-        metavar="STEP",
-        help="write the model of this step (default: toy.pretrain.steps), e.g. a checkpoint "
-        "chosen by the world card",
-    )
-    p.add_argument(
-        "--stop-after",
-        type=int,
-        metavar="STEP",
-        help="stop after this step without writing the model (checkpoints stay)",
-    )
-    return p.parse_args(argv)
-
-
-def main(args: argparse.Namespace) -> dict:
-    out = Path(args.out)
-    state_dir = args.state_dir or out.with_name(out.name + ".state")
-    summary = pretrain(
-        load_config(args.config, args.set),
-        out,
-        progress=True,
-        state_dir=state_dir,
-        resume=args.resume,
-        until=args.until,
-        stop_after=args.stop_after,
-    )
-    if summary is None:
-        return {}
-    for kind, rates in summary.get("validation", {}).items():
-        s = rates["success"]
-        log.info(
-            "validation %s: success %.3f [%.3f, %.3f] (n=%d)",
-            kind,
-            s["mean"],
-            s["lo"],
-            s["hi"],
-            s["n"],
-        )
-    return summary
-
-
-def cli(argv=None) -> int:
-    args = parse_args(argv)
-    return run_step("sepen toy pretrain", lambda: main(args))

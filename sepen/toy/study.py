@@ -1,4 +1,5 @@
-"""`sepen toy study`: base model vs SepEn over a grid of settings, on the toy world.
+"""The settings study (`sepen toy study`): base model vs SepEn over a grid of settings, on the
+toy world.
 
 Each cell is a set of config overrides (per-pair or joint finetuning, learning rate, steps,
 norm loss, training signal, ...). For every finetuning seed of `toy.study.seeds` the cell's plan
@@ -12,7 +13,6 @@ Writes `study.json` and a Markdown table `study.md`; finished deltas are reused 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -25,8 +25,12 @@ import yaml
 
 from sepen.atomic import write_json, write_text
 from sepen.config import load_config
-from sepen.errors import ConfigError, SepenError
+from sepen.errors import ConfigError
+from sepen.models import load_pipeline
+from sepen.pipelines import DeltaSwitcher, prompts_by_delta
+from sepen.plan import build_plan
 from sepen.stats import bootstrap_ci, format_ci, paired_difference
+from sepen.toy.evaluate import generate, image_scores
 
 log = logging.getLogger("sepen.toy.study")
 NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -80,8 +84,6 @@ def cell_plan(base_plan: dict, cell_config: dict) -> dict:
     """
     import copy
 
-    from sepen.plan import build_plan
-
     plan = build_plan(cell_config)
     if plan["seeds"] != base_plan["seeds"]:
         raise ConfigError("a study cell changes the evaluated seeds: cells may change finetuning")
@@ -102,8 +104,6 @@ def cell_plan(base_plan: dict, cell_config: dict) -> dict:
 def sample_plan(pipe, plan: dict, model_dir: Path | None, sampling: dict) -> dict[str, list]:
     """Per prompt set, the exact detector's rows of every (prompt, seed) in plan order; each
     prompt sampled with its own delta from `model_dir` (None: the base model)."""
-    from sepen.sample import DeltaSwitcher, prompts_by_delta
-    from sepen.toy.evaluate import generate, image_scores
 
     switcher = DeltaSwitcher(pipe)
     method = "base" if model_dir is None else "sepen"
@@ -165,8 +165,6 @@ def run_study(
     out_dir: Path,
     overrides_: list[str] | None = None,
 ) -> dict:
-    from sepen.models import load_pipeline
-    from sepen.plan import build_plan
 
     config = load_config(config_path, overrides_)
     cells = read_grid(grid)
@@ -231,22 +229,3 @@ def markdown_table(study: dict) -> str:
             row.append(f"{seeds}; mean {c['mean']:+.3f} ({c['min']:+.3f} to {c['max']:+.3f})")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
-
-
-def cli(argv=None) -> int:
-    from sepen.logs import setup_logging
-
-    p = argparse.ArgumentParser(prog="sepen toy study", description=__doc__.split("\n")[0])
-    p.add_argument("--config", type=Path, required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--grid", type=Path, required=True, help="YAML list of {name, set}")
-    p.add_argument("--out-dir", type=Path, required=True)
-    args = p.parse_args(argv)
-    setup_logging()
-    try:
-        study = run_study(args.config, args.grid, args.out_dir, args.set)
-    except SepenError as err:
-        print(f"sepen toy study: error: {err}", file=sys.stderr)
-        return 2
-    print(markdown_table(study))
-    return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -219,12 +220,30 @@ def scene_batch(
     return np.stack(images), prompts, named, layouts
 
 
-def prepare_world(config: dict) -> dict:
-    """The config's toy section with its trained and held-out pairs (`_trained_pairs`, ...).
+@dataclass(frozen=True)
+class World(Mapping):
+    """A config's toy section (read as a mapping, as the config is) with the pairs its split
+    gives: `trained_pairs` appear in training, `held_out_pairs` never together."""
+
+    settings: dict
+    trained_pairs: list
+    held_out_pairs: list
+
+    def __getitem__(self, key):
+        return self.settings[key]
+
+    def __iter__(self):
+        return iter(self.settings)
+
+    def __len__(self) -> int:
+        return len(self.settings)
+
+
+def prepare_world(config: dict) -> World:
+    """The config's toy world with its trained and held-out pairs.
 
     Plain Python and numpy, so that building the workflow's DAG does not import torch.
     """
     toy = dict(config["toy"])
     trained, held = pair_split(toy["concepts"], toy["held_out_pairs"], toy["split_seed"])
-    toy["_trained_pairs"], toy["_held_out_pairs"] = trained, held
-    return toy
+    return World(toy, trained, held)

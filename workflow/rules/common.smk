@@ -4,9 +4,10 @@ import json
 import os
 
 from sepen.plan import build_plan
-from sepen.report import attention_prompts
+from sepen.plan import attention_prompts
 from sepen.workflow import (
     command_config_path,
+    code_hash,
     step_params,
 )
 

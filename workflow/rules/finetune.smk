@@ -27,7 +27,8 @@ rule finetune:
         model=MODEL_ARG,
         state=lambda wildcards: f"{R}/state/{wildcards.model}",
         config_keys=step_params(CFG, "finetune"),
+        code=code_hash("finetune"),
     shell:
         "{params.launch} --config {params.config}{params.model} --plan {input.plan}"
         " --model-id {wildcards.model} --out {output.delta} --losses-out {output.losses}"
-        " --output-dir {params.state} --resume latest 2> {log}"
+        " --state-dir {params.state} --resume latest 2> {log}"

@@ -21,6 +21,7 @@ rule metrics:
     params:
         config=CONFIG,
         config_keys=step_params(CFG, "metrics"),
+        code=code_hash("metrics"),
     shell:
         "python -m sepen metrics --config {params.config} --plan {input.plan}"
         " --manifest {input.manifest} --out {output} 2> {log}"
@@ -47,6 +48,7 @@ rule fid:
     params:
         config=CONFIG,
         config_keys=step_params(CFG, "fid"),
+        code=code_hash("fid"),
     shell:
         "python -m sepen fid --config {params.config} --manifests {input.manifests}"
         " --out {output} 2> {log}"
@@ -80,6 +82,7 @@ rule aggregate:
             os.path.dirname(input.plan), "metrics"
         ),
         config_keys=step_params(CFG, "aggregate"),
+        code=code_hash("aggregate"),
     shell:
         "python -m sepen aggregate --config {params.config} --plan {input.plan}"
         " --metrics-dir {params.metrics_dir}{params.fid} --out {output.full} --dvc-metrics {output.dvc}"

@@ -19,6 +19,7 @@ rule concepts:
     params:
         config=CONFIG,
         config_keys=step_params(CFG, "concepts"),
+        code=code_hash("concepts"),
     shell:
         "python -m sepen concepts --config {params.config} --out {output} 2> {log}"
 
@@ -42,6 +43,7 @@ rule prompts:
     params:
         config=CONFIG,
         config_keys=step_params(CFG, "prompts"),
+        code=code_hash("prompts"),
     shell:
         "python -m sepen prompts --config {params.config} --concepts {input.concepts} --out {output}"
         " 2> {log}"

@@ -19,6 +19,7 @@ rule toy_pretrain:
     params:
         config=CONFIG,
         config_keys=step_params(CFG, "toy_pretrain"),
+        code=code_hash("toy_pretrain"),
     shell:
         "python -m sepen toy pretrain --config {params.config} --out {output}"
         " --resume latest 2> {log}"
@@ -45,6 +46,7 @@ rule toy_card:
     params:
         config=CONFIG,
         config_keys=step_params(CFG, "toy_card"),
+        code=code_hash("toy_card"),
     shell:
         "python -m sepen toy card --config {params.config} --model {input.model} --out {output}"
         " 2> {log}"

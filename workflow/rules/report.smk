@@ -24,6 +24,7 @@ rule report_table:
         config=CONFIG,
         options=table_options,
         config_keys=step_params(CFG, "report_table"),
+        code=code_hash("report_table"),
     shell:
         "python -m sepen report table --config {params.config} --metrics {input.metrics}"
         "{params.options} --out {output} 2> {log}"
@@ -48,6 +49,7 @@ rule report_landing:
         runtime=5,
     params:
         card=lambda wildcards, input: f" --card {input.card}" if input.card else "",
+        code=code_hash("report_landing"),
     shell:
         "python -m sepen report landing --metrics {input.metrics}{params.card}"
         " --description {input.description} --out {output} 2> {log}"
@@ -79,6 +81,7 @@ rule report_grid:
             os.path.dirname(input.plan), "samples"
         ),
         config_keys=step_params(CFG, "report_grid"),
+        code=code_hash("report_grid"),
     shell:
         "python -m sepen report grid --config {params.config} --plan {input.plan}"
         " --samples-dir {params.samples_dir} --out {output} 2> {log}"
@@ -103,6 +106,8 @@ rule report_taxonomy:
     resources:
         mem_mb=2000,
         runtime=5,
+    params:
+        code=code_hash("report_taxonomy"),
     shell:
         "python -m sepen report taxonomy --metrics {input} --out {output} 2> {log}"
 
@@ -132,6 +137,7 @@ rule report_losses:
         losses_dir=lambda wildcards, input: os.path.join(
             os.path.dirname(input.plan), "losses"
         ),
+        code=code_hash("report_losses"),
     shell:
         "python -m sepen report losses --plan {input.plan} --losses-dir {params.losses_dir}"
         " --out {output.figure} --table {output.table} 2> {log}"
@@ -166,6 +172,7 @@ rule report_attention:
             os.path.dirname(input.plan), "models"
         ),
         config_keys=step_params(CFG, "report_attention"),
+        code=code_hash("report_attention"),
     shell:
         "python -m sepen report attention --config {params.config}{params.model} --plan {input.plan}"
-        " --model-dir {params.model_dir} --out {output} 2> {log}"
+        " --deltas-dir {params.model_dir} --out {output} 2> {log}"

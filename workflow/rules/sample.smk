@@ -27,8 +27,9 @@ rule sample:
         model_dir=f"{R}/models",
         images_dir=lambda wildcards: f"{R}/samples/{wildcards.method}/shard-{wildcards.shard}",
         config_keys=step_params(CFG, "sample"),
+        code=code_hash("sample"),
     shell:
         "python -m sepen sample --config {params.config}{params.model} --plan {input.plan}"
         " --method {wildcards.method} --shard {wildcards.shard} --shards {params.shards}"
-        " --model-dir {params.model_dir} --images-dir {params.images_dir} --out {output}"
+        " --deltas-dir {params.model_dir} --images-dir {params.images_dir} --out {output}"
         " 2> {log}"

@@ -25,9 +25,10 @@ rule toy_premise:
         config=CONFIG,
         model=MODEL_ARG,
         model_dir=lambda wildcards, input: (
-            f" --model-dir {R}/models" if input.deltas else ""
+            f" --deltas-dir {R}/models" if input.deltas else ""
         ),
         config_keys=step_params(CFG, "toy_premise"),
+        code=code_hash("toy_premise"),
     shell:
         "python -m sepen toy premise --config {params.config}{params.model} --plan {input.plan}"
         "{params.model_dir} --out {output} 2> {log}"
@@ -54,6 +55,7 @@ rule toy_study:
         config=CONFIG,
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
         config_keys=step_params(CFG, "toy_study"),
+        code=code_hash("toy_study"),
     shell:
-        "python -m sepen toy study --config {params.config} --grid {input.grid}"
+        "python -m sepen toy study --config {params.config} --cells {input.grid}"
         " --out-dir {params.out_dir} 2> {log}"

@@ -1,6 +1,6 @@
 """`sepen generate`: images of your prompts and seeds with a base model and SepEn deltas.
 
-Give one delta (`--delta`), or a folder of them (`--deltas`, e.g. the per-pair models of a
+Give one delta (`--delta`), or a folder of them (`--deltas-dir`, e.g. the per-pair models of a
 workflow run): each prompt then uses the delta trained on exactly the concepts it names (or a
 joint delta that covers them all). Images go where `sepen sample` puts them,
 `<out>/<prompt id>/seed-<seed>.png` (written atomically; a re-run keeps finished images), with
@@ -15,15 +15,21 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from sepen.command import run_step
+from sepen.atomic import write_json
+from sepen.command import add_deprecated, command_parser, config_from, run_step
+from sepen.delta import check_base_model, read_delta
 from sepen.errors import SepenError
+from sepen.image_store import draw_and_save, image_path, is_complete
+from sepen.models import load_pipeline
+from sepen.pipelines import DeltaSwitcher, device_and_dtype, group_by
+from sepen.plan import find_concepts, slugify
+from sepen.sampling import sample
 
 log = logging.getLogger("sepen.generate")
 
 
 def delta_concepts(path: Path) -> tuple[list[str], str]:
     """The concepts a delta was finetuned on, and its mode (pairs or joint)."""
-    from sepen.delta import read_delta
 
     meta = read_delta(path)[1]
     ft = json.loads(meta.get("config", "{}")).get("finetune", {})
@@ -35,7 +41,6 @@ def delta_concepts(path: Path) -> tuple[list[str], str]:
 def choose_delta(prompt: str, deltas: dict[Path, tuple[list[str], str]]) -> Path:
     """The delta for a prompt: the one trained on exactly its concepts, else a joint one that
     covers them; an error naming the prompt and the deltas there are when none fits."""
-    from sepen.plan import find_concepts
 
     vocabulary = sorted({c for concepts, _ in deltas.values() for c in concepts})
     named = find_concepts(prompt, vocabulary)
@@ -80,30 +85,16 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def generate(args: argparse.Namespace) -> dict:
-    from sepen.atomic import write_json
-    from sepen.config import load_config
-    from sepen.delta import check_base_model, read_delta
-    from sepen.plan import slugify
-    from sepen.sample import (
-        DeltaSwitcher,
-        device_and_dtype,
-        draw_and_save,
-        group_by,
-        image_path,
-        is_complete,
-    )
-    from sepen.sampling import sample
-
-    config = load_config(args.config, args.set)
+def main(args: argparse.Namespace) -> dict:
+    config = config_from(args)
     prompts = read_prompts(args)
     seeds = parse_seeds(args.seeds)
-    if args.deltas is not None:
-        if not args.deltas.is_dir():
-            raise SepenError(f"delta folder {str(args.deltas)!r} does not exist")
-        found = sorted(args.deltas.glob("*.safetensors"))
+    if args.deltas_dir is not None:
+        if not args.deltas_dir.is_dir():
+            raise SepenError(f"delta folder {str(args.deltas_dir)!r} does not exist")
+        found = sorted(args.deltas_dir.glob("*.safetensors"))
         if not found:
-            raise SepenError(f"delta folder {str(args.deltas)!r} holds no .safetensors delta")
+            raise SepenError(f"delta folder {str(args.deltas_dir)!r} holds no .safetensors delta")
         deltas = {p: delta_concepts(p) for p in found}
         chosen = {prompt: choose_delta(prompt, deltas) for prompt in prompts}
     else:
@@ -121,8 +112,6 @@ def generate(args: argparse.Namespace) -> dict:
     items = [(prompt, s) for prompt in prompts for s in seeds]
     todo = [(p, s) for p, s in items if not is_complete(image_path(args.out, slugify(p), s))]
     if todo:
-        from sepen.models import load_pipeline
-
         device, dtype = device_and_dtype(sp)
         pipe = load_pipeline(model, config["model"]["revision"], dtype=dtype, device=device)
 
@@ -160,23 +149,22 @@ def generate(args: argparse.Namespace) -> dict:
     return manifest
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sepen generate", description=__doc__.split("\n")[0])
-    p.add_argument("--config", type=Path, help="YAML config for the sampling settings")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+def build_parser() -> argparse.ArgumentParser:
+    p = command_parser("sepen generate", __doc__.split("\n")[0].split(": ", 1)[1])
     p.add_argument("--model", help="base model (default: the one the delta was trained on)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--delta", type=Path, help="one SepEn delta for every prompt")
-    which.add_argument("--deltas", type=Path, help="a folder of deltas, chosen per prompt")
+    which.add_argument("--deltas-dir", type=Path, help="a folder of deltas, chosen per prompt")
+    add_deprecated(which, "--deltas", "--deltas-dir", "deltas_dir", type=Path)
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", type=Path, help="a text file, one prompt per line")
     p.add_argument("--seeds", nargs="+", default=["0-3"], help="seeds or ranges (0-3)")
     p.add_argument("--steps", type=int, help="denoising steps (default: sampling.steps)")
     p.add_argument("--guidance", type=float, help="guidance scale (sampling.guidance_scale)")
     p.add_argument("--out", type=Path, required=True, help="the images' folder")
-    return p.parse_args(argv)
+    return p
 
 
 def cli(argv=None) -> int:
-    args = parse_args(argv)
-    return run_step("sepen generate", lambda: generate(args))
+    args = build_parser().parse_args(argv)
+    return run_step("sepen generate", lambda: main(args))

@@ -1,0 +1,133 @@
+"""`sepen sample`: images of one method for one shard of the plan's prompts, resumable.
+
+The images and their resumption are sepen.image_store's; the shard's manifest (JSON) lists
+every image, how many were generated (written) in this run, how many were kept (`reused`) and
+how many were drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from sepen.atomic import write_json
+from sepen.attend_excite import attend_excite_pipeline, sample_attend_excite
+from sepen.command import add_deprecated, command_parser, config_from, run_step
+from sepen.delta import check_base_model
+from sepen.errors import SepenError
+from sepen.image_store import (
+    draw_and_save,
+    image_path,
+    invalidate_if_changed,
+    is_complete,
+    settings_fingerprint,
+)
+from sepen.models import load_pipeline
+from sepen.pipelines import DeltaSwitcher, delta_for, device_and_dtype, group_by, plan_items
+from sepen.plan import read_plan
+from sepen.sampling import sample
+
+log = logging.getLogger("sepen.sample")
+
+
+def main(args: argparse.Namespace) -> dict:
+    config = config_from(args)
+    plan = read_plan(args.plan)
+    if args.method not in config["evaluation"]["methods"]:
+        raise SepenError(
+            f"method {args.method!r} is not in evaluation.methods {config['evaluation']['methods']}"
+        )
+    if args.method == "sepen" and args.deltas_dir is None:
+        raise SepenError("method 'sepen' needs --deltas-dir, the folder of the finetuned deltas")
+    items = plan_items(
+        plan, args.shard, args.shards, args.method, config["evaluation"]["attend_excite"]["sets"]
+    )
+    deltas = {pid: delta_for(plan, args.method, pid, args.deltas_dir) for pid, _ in items}
+    missing = sorted({str(d) for d in deltas.values() if d is not None and not d.is_file()})
+    if missing:
+        raise SepenError(f"finetuned deltas missing: {missing[:3]}: run `sepen finetune` for them")
+    images_dir = Path(args.images_dir)
+    model = args.model or config["model"]["pretrained"]
+    for delta in sorted({str(d) for d in deltas.values() if d is not None}):
+        check_base_model(delta, model)
+    fingerprint = settings_fingerprint(config, model, args.method, deltas.values())
+    if invalidate_if_changed(images_dir, fingerprint):
+        log.warning("settings changed since the kept images were made: sampling them again")
+    todo = [(pid, s) for pid, s in items if not is_complete(image_path(images_dir, pid, s))]
+    log.info(
+        "%s shard %d/%d: %d images, %d already there, %d to generate",
+        args.method,
+        args.shard,
+        args.shards,
+        len(items),
+        len(items) - len(todo),
+        len(todo),
+    )
+    drawn = 0
+    if todo:
+        device, dtype = device_and_dtype(config["sampling"], args.shard)
+        pipe = load_pipeline(model, config["model"]["revision"], dtype=dtype, device=device)
+        switcher = None
+        sp = config["sampling"]
+        if args.method == "attend_excite":  # one prompt per call: its token indices
+            ae = attend_excite_pipeline(pipe)
+            ae_cfg = config["evaluation"]["attend_excite"]
+            groups = group_by(items, lambda item: item[0])
+
+            def draw(chunk):
+                entry = plan["prompts"][chunk[0][0]]
+                return sample_attend_excite(ae, entry, [s for _, s in chunk], sp, ae_cfg)
+
+        else:  # one delta at a time (per-pair models), prompts batched across
+            switcher = DeltaSwitcher(pipe)
+            groups = group_by(items, lambda item: deltas[item[0]])
+
+            def draw(chunk):
+                prompts = [plan["prompts"][pid]["prompt"] for pid, _ in chunk]
+                seeds = [s for _, s in chunk]
+                return sample(pipe, prompts, seeds, sp["steps"], sp["guidance_scale"], len(chunk))
+
+        drawn = draw_and_save(
+            groups,
+            draw,
+            lambda item: image_path(images_dir, *item),
+            sp["batch_size"],
+            f"sampling {args.method}",
+            switcher,
+            missing=set(todo),
+        )
+    manifest = {
+        "method": args.method,
+        "shard": args.shard,
+        "shards": args.shards,
+        "images_dir": str(images_dir),
+        "generated": len(todo),
+        "reused": len(items) - len(todo),
+        "drawn": drawn,
+        "images": [
+            {"prompt_id": pid, "seed": s, "path": str(image_path(images_dir, pid, s))}
+            for pid, s in items
+        ],
+    }
+    write_json(args.out, manifest)
+    return manifest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = command_parser("sepen sample", __doc__.split("\n")[0].split(": ", 1)[1], True)
+    p.add_argument("--plan", type=Path, required=True, help="prompts.json of `sepen prompts`")
+    p.add_argument("--method", required=True, help="one of evaluation.methods")
+    p.add_argument("--shard", type=int, default=0, help="which shard (0-based)")
+    p.add_argument("--shards", type=int, default=1, help="how many shards the prompts are in")
+    p.add_argument("--model", help="base model folder or hub id (default: model.pretrained)")
+    p.add_argument("--deltas-dir", type=Path, help="folder of <model id>.safetensors deltas")
+    add_deprecated(p, "--model-dir", "--deltas-dir", "deltas_dir", type=Path)
+    p.add_argument("--images-dir", type=Path, required=True, help="the shard's image folder")
+    p.add_argument("--out", type=Path, required=True, help="the shard's manifest (JSON)")
+    return p
+
+
+def cli(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_step("sepen sample", lambda: main(args))

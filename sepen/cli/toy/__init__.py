@@ -1,0 +1,1 @@
+"""The `sepen toy` commands."""
