@@ -2,7 +2,7 @@
 
 A step is forward + losses + backward + optimizer step (AdamW, gradient clipping) on the same
 model (same seed), batch, prompts, noise and timesteps. The reference, written here from the
-description of the authors' research code (METHOD.md), computes explicit attention
+description of the authors' research code (docs/method.md), computes explicit attention
 probabilities in every attention layer, self and cross, keeps every map of at most 32x32 positions
 with its graph (an attention store), runs the whole UNet, takes the losses from the stored maps
 and gets the norm loss's frozen prediction from a full frozen copy of the UNet. Ours is

@@ -5,7 +5,8 @@
 explicitly (softmax over all text tokens, per head), records them with their gradient in an
 `AttentionStore`, and multiplies them with the values; elsewhere it calls scaled-dot-product
 attention. Its output equals diffusers' `AttnProcessor2_0`. The start-of-text token's key (and
-value) is detached, so that token's projection stays fixed during finetuning (METHOD.md).
+value) is detached, so that token's projection stays fixed during finetuning (docs/method.md,
+"What is trained").
 
 Two switches of the store make finetuning cheap (docs/performance.md): `columns` keeps only the
 text tokens the losses read (the softmax still runs over all tokens), and `stop_after` ends the

@@ -13,7 +13,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from sepen.config import load_config
 from sepen.errors import SepenError
+from sepen.logs import setup_logging
 
 CONFIG_HELP = "YAML config (the sepen schema; keys it leaves out take their defaults)"
 SET_HELP = "override one config key, e.g. sampling.steps=10 (repeatable; the value is YAML)"
@@ -61,8 +63,6 @@ def add_deprecated(p, old: str, new: str, dest: str, **kwargs) -> None:
 
 def run_step(prog: str, body: Callable[[], object]) -> int:
     """Run a command's body with logging set up; SepenError -> message and exit status 2."""
-    from sepen.logs import setup_logging
-
     setup_logging()
     try:
         body()
@@ -74,6 +74,4 @@ def run_step(prog: str, body: Callable[[], object]) -> int:
 
 def config_from(args: argparse.Namespace, extra: list[str] | None = None) -> dict:
     """The validated config of a command's --config and --set (and `extra` overrides)."""
-    from sepen.config import load_config
-
     return load_config(args.config, list(args.set) + list(extra or []))

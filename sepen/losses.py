@@ -1,4 +1,5 @@
-"""The Separate-and-Enhance losses (METHOD.md), as pure functions of attention maps.
+"""The Separate-and-Enhance losses (docs/method.md, Eqs. 1-4), as pure functions of attention
+maps.
 
 Maps are given per sample: `maps` has shape (B, N, H, h, w) for B samples, N >= 2 concepts,
 H heads (or 1 after head averaging) and an h x w grid. Each loss is computed per sample and, with
@@ -33,7 +34,8 @@ def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def separate_loss(maps: torch.Tensor, reduction: str = "mean", eps: float = EPS) -> torch.Tensor:
-    """L_sep: the largest soft intersection A_i A_j / (A_i + A_j) over heads, pixels and pairs.
+    """L_sep (docs/method.md, Eq. 1): the largest soft intersection A_i A_j / (A_i + A_j) over
+    heads, pixels and pairs.
 
     Identical maps A give max(A) / 2; disjoint maps give 0.
     """
@@ -54,7 +56,7 @@ def gaussian_kernel(size: int = 3, sigma: float = 0.5, form: str = "authors") ->
 
     form "authors": exp(-(x / (2 sigma))^2) per axis, the kernel of the authors' code and of
     diffusers' Attend-and-Excite (3x3, sigma 0.5: centre 0.332), which the paper's numbers come
-    from (METHOD.md); "textbook": exp(-x^2 / (2 sigma^2)) (centre 0.619).
+    from (docs/method.md, Eq. 2); "textbook": exp(-x^2 / (2 sigma^2)) (centre 0.619).
     """
     if form not in KERNELS:
         raise ValueError(f"kernel form {form!r} is not one of {KERNELS}")
@@ -88,7 +90,8 @@ def enhance_loss(
     sigma: float = 0.5,
     kernel: str = "authors",
 ) -> torch.Tensor:
-    """L_en = 1 - min_i max(G * A_i): lift the weakest concept's smoothed peak.
+    """L_en = 1 - min_i max(G * A_i) (docs/method.md, Eq. 2): lift the weakest concept's
+    smoothed peak.
 
     The peak of concept i is the maximum of its smoothed map over heads and pixels.
     """
@@ -100,7 +103,8 @@ def enhance_loss(
 def norm_loss(
     prediction: torch.Tensor, frozen_prediction: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
-    """L_norm: MSE between the finetuned and the frozen model's noise predictions, per sample."""
+    """L_norm (docs/method.md, Eq. 3): MSE between the finetuned and the frozen model's noise
+    predictions, per sample."""
     if prediction.shape != frozen_prediction.shape:
         raise ValueError(
             f"prediction {tuple(prediction.shape)} and frozen prediction "
@@ -118,7 +122,8 @@ def total_loss(
     lambda_norm: float = 0.5,
     kernel: str = "authors",
 ) -> dict[str, torch.Tensor]:
-    """L = lambda_sep L_sep + lambda_en L_en (+ lambda_norm L_norm), with each part for logging."""
+    """L = lambda_sep L_sep + lambda_en L_en (+ lambda_norm L_norm) (docs/method.md, Eq. 4),
+    with each part for logging."""
     parts = {"separate": separate_loss(maps), "enhance": enhance_loss(maps, kernel=kernel)}
     loss = lambda_sep * parts["separate"] + lambda_en * parts["enhance"]
     if norm is not None:

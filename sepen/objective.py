@@ -1,14 +1,15 @@
 """One finetuning step's objective, as a module that accelerate can wrap (DDP, autocast).
 
-The cheap way to compute the Separate-and-Enhance losses (docs/performance.md):
+The cheap way to compute the Separate-and-Enhance losses (docs/method.md, Eqs. 1-4;
+docs/performance.md):
 
 - the UNet runs on the multi-object prompts only until the last layer whose maps the losses
   read (`run_until_captured`); nothing after it runs or is kept for the backward pass, and the
   backward pass stops at the first trainable layer by itself (nothing earlier needs a gradient);
 - attention outside the captured layers is scaled-dot-product attention, and the captured
   layers keep only the object tokens' columns;
-- the norm loss's frozen prediction swaps the original key weights in under `no_grad`, so there
-  is no second UNet in memory.
+- the norm loss's frozen prediction (docs/method.md, Eq. 3) swaps the original key weights in
+  under `no_grad`, so there is no second UNet in memory.
 
 `bench/finetune_step.py` checks that the losses equal those of a loop built the way the
 authors' code works (explicit attention everywhere, all maps stored, a frozen UNet copy).

@@ -1,17 +1,12 @@
-import os
-import tempfile
+"""Fixtures of the whole suite: isolated model caches, tiny models, a fresh accelerate state."""
 
-# Tests never read this machine's model caches: a fresh, empty Hugging Face home (and torch hub
-# folder) for the whole run, set before anything imports huggingface_hub (which reads HF_HOME
-# once, at import), and inherited by every subprocess a test starts.
-ISOLATED_HOME = tempfile.mkdtemp(prefix="sepen-tests-home-")
-os.environ["HF_HOME"] = os.path.join(ISOLATED_HOME, "huggingface")
-os.environ["TORCH_HOME"] = os.path.join(ISOLATED_HOME, "torch")
-os.environ.pop("HF_HUB_CACHE", None)
-os.environ.pop("HUGGINGFACE_HUB_CACHE", None)
+import os
+
+from helpers.isolation import ISOLATED_HOME  # noqa: F401  # isort: skip  (first: the caches)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers.toy import TINY_TOY, toy_experiment  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -73,21 +68,6 @@ def tiny_pipe(tiny_model):
     return load_pipeline(tiny_model)
 
 
-# A toy-world model small enough to pretrain in seconds (sepen.toy).
-TINY_TOY = {
-    "toy": {
-        "model": {"channels": [8, 16, 16], "text_width": 16, "vae_channels": 8},
-        "pretrain": {
-            "vae_steps": 2,
-            "steps": 3,
-            "batch_size": 4,
-            "validation_images": 0,
-            "warmup_steps": 1,
-        },
-    }
-}
-
-
 @pytest.fixture(scope="session")
 def tiny_toy_model(tmp_path_factory):
     """A pretrained tiny toy-world pipeline folder (deterministic, seed 0)."""
@@ -99,16 +79,7 @@ def tiny_toy_model(tmp_path_factory):
     return path
 
 
-def write_toy_config(path, model, **finetune):
-    """A config file for the tiny toy model: 2 sampling steps, 2 joint finetuning steps."""
-    import yaml
-
-    ft = {"mode": "joint", "image_size": 32, "steps": 2, "batch_size": 2, **finetune}
-    config = {
-        **TINY_TOY,
-        "model": {"pretrained": str(model)},
-        "sampling": {"steps": 2, "guidance_scale": 2.0},
-        "finetune": ft,
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
+@pytest.fixture()
+def toy_setup(tmp_path, tiny_toy_model):
+    """Config file, plan file and folders for a 2-prompt x 2-seed toy experiment."""
+    return toy_experiment(tmp_path, tiny_toy_model)

@@ -1,4 +1,4 @@
-"""Metrics of real text-to-image models (Attend-and-Excite protocol, METHOD.md).
+"""Metrics of real text-to-image models (Attend-and-Excite protocol, docs/method.md).
 
 `protocol` holds the pure arithmetic (prompt splitting, template averaging, detection outcome);
 `clip`, `blip` and `detection` load their models once and score batches of images.
@@ -10,6 +10,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sepen.errors import ModelNotAvailableError
+from sepen.evaluators.blip import BlipScorer
+from sepen.evaluators.clip import ClipScorer, check_available
+from sepen.evaluators.detection import Detector
 
 MODEL_METRICS = ("clip", "blip", "detection")
 
@@ -34,8 +37,6 @@ def preflight(config: dict) -> None:
     ev = config["evaluation"]
     names = ev["metrics"]
     if "clip" in names or "blip" in names:
-        from sepen.evaluators.clip import check_available
-
         check_available(ev["clip"]["model"], ev["clip"]["pretrained"])
     if "blip" in names:
         _check_hub_model(ev["blip"]["model"], "evaluation.blip.model")
@@ -49,22 +50,16 @@ def build(names: Sequence[str], config: dict, device: str) -> dict[str, Callable
     out: dict[str, Callable] = {}
     clip = None
     if "clip" in names or "blip" in names:
-        from sepen.evaluators.clip import ClipScorer
-
         clip = ClipScorer(
             ev["clip"]["model"], ev["clip"]["pretrained"], device, ev["clip"]["batch_size"]
         )
     if "clip" in names:
         out["clip"] = lambda images, prompts, vocab: clip(images, prompts)
     if "blip" in names:
-        from sepen.evaluators.blip import BlipScorer
-
         b = ev["blip"]
         blip = BlipScorer(b["model"], clip, device, b["max_new_tokens"], b["batch_size"])
         out["blip"] = lambda images, prompts, vocab: blip(images, prompts)
     if "detection" in names:
-        from sepen.evaluators.detection import Detector
-
         d = ev["detection"]
         detector = Detector(d["detector"], d["model"], device, d["threshold"], d["batch_size"])
         out["detection"] = detector

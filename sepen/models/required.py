@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sepen.errors import ModelNotAvailableError
+from sepen.evaluators.clip import check_available
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,6 @@ def problem(req: Requirement) -> str | None:
             f"cache here; or give a local folder written by save_pretrained"
         )
     if req.kind == "open_clip":
-        from sepen.evaluators.clip import check_available
-
         name, _, tag = req.model.rpartition("/")
         try:
             check_available(name, None if tag in ("", "None") else tag)

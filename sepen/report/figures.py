@@ -104,6 +104,11 @@ def sample_grid(
 
 
 def png(image) -> bytes:
+    """PNG bytes of a PIL image or a uint8 (h, w, 3) array."""
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()

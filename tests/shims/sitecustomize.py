@@ -1,5 +1,5 @@
-"""Test shim, on PYTHONPATH only in the tests that set it (tests/test_workflow.py's fault tests);
-it changes nothing unless one of these variables is set:
+"""Test shim, on PYTHONPATH only in the tests that set it (the fault tests of
+tests/workflow/test_workflow.py); it changes nothing unless one of these variables is set:
 
 - SEPEN_TEST_SLOW_SAVE=<seconds>: every accelerate checkpoint save waits that long after
   writing its files, so that a test can kill a finetuning job while a checkpoint is saved.

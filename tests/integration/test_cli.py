@@ -8,13 +8,16 @@ from sepen.__main__ import main
 from sepen.config import load_config, validate_config
 from sepen.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_unknown_step_exits_2_and_lists_the_steps(capsys):
+def test_unknown_command_exits_2_and_lists_the_commands(capsys):
     assert main(["fly"]) == 2
     err = capsys.readouterr().err
-    assert "unknown step 'fly'" in err and "finetune" in err and "tiny-model" in err
+    assert "unknown command 'fly'" in err and "finetune" in err and "tiny-model" in err
+    assert main(["toy", "fly"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'fly'" in err and "diagnose" in err and "card" in err
 
 
 def test_tiny_model_step_then_finetune_from_the_console_script(tmp_path):
@@ -88,4 +91,4 @@ def test_wrong_config_type_names_the_key():
 
 def test_module_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "sepen", "--help"], capture_output=True, text=True)
-    assert done.returncode == 0 and "finetune" in done.stderr
+    assert done.returncode == 0 and "finetune" in done.stdout

@@ -174,7 +174,7 @@ def test_steered_context_restores_the_processors(tiny_toy_model):
 def test_card_cli_on_a_tiny_model_writes_every_section(tmp_path, tiny_toy_model):
     import shutil
 
-    from conftest import write_toy_config
+    from helpers.toy import write_toy_config
 
     from sepen.cli.toy.card import cli
 
@@ -257,7 +257,7 @@ def test_card_of_the_shipped_v3_model_on_a_few_images(tmp_path):
     from sepen.config import load_config
     from sepen.toy.card import card
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     config = load_config(
         root / "config/config.yaml",
         [

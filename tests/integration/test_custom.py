@@ -17,7 +17,7 @@ from sepen.delta import apply_delta, save_delta
 from sepen.errors import ConfigError, ModelNotAvailableError, SepenError
 from sepen.plan import build_plan, read_custom_prompts
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------- custom prompt files

@@ -121,7 +121,7 @@ def test_premise_on_the_shipped_model_puts_each_token_on_its_own_object(
     from sepen.plan import build_plan
     from sepen.toy.premise import premise_check
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     config = load_config(root / "config/config.yaml", ["toy.premise_images=4"])
     model = str(root / "data/toy_base")
     plan = build_plan(config)

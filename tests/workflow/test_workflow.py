@@ -10,56 +10,20 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.project import (
+    ONE_THREAD,
+    ROOT,
+    SMOKE,
+    copy_project,
+    job_counts,
+    run,
+    shell_commands,
+    snakemake,
+    snakemake_cmd,
+)
 
 from sepen.toy.detect import FAILURES
 from sepen.workflow import STEP_PARAMS
-
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = "config/test/smoke.yaml"  # the smoke config, relative to a project copy
-SMOKE_THREADED_RULES = ("sample", "finetune", "report_attention", "toy_premise")
-PROJECT_FILES = ["Snakefile", "workflow", "config", "profiles", "dvc.yaml", "data", "sepen"]
-
-
-def copy_project(dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
-            shutil.copytree(src, dest / name, symlinks=True, ignore=ignore)
-        else:
-            shutil.copy2(src, dest / name)
-    return dest
-
-
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        )
-    return proc
-
-
-# The smoke jobs are bound by their imports (torch, diffusers: one core each) and draw in a
-# second or two, so one thread per job lets two run side by side on 2 cores (a smoke run 69 s
-# instead of 100 s). Every test run uses it: a thread count changes CPU arithmetic, and runs
-# are compared bit for bit.
-ONE_THREAD = ["--set-threads", *(f"{rule}=1" for rule in SMOKE_THREADED_RULES)]
-
-
-def snakemake_cmd(*args: str) -> list[str]:
-    """A local Snakemake command line as every test run uses it (2 cores, ONE_THREAD)."""
-    return ["snakemake", "--cores", "2", *args, *ONE_THREAD]
-
-
-def snakemake(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run(snakemake_cmd(*args), cwd, check)
-
-
-def job_counts(output: str) -> dict[str, int]:
-    table = output.split("Job stats:")[1].split("total")[0]
-    return {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
 
 
 @pytest.fixture(scope="module")
@@ -141,15 +105,6 @@ def test_every_shipped_config_dry_runs_without_weights(project, config):
     if cfg.get("evaluation", {}).get("metrics"):  # configs without metrics stop at the samples
         assert counts["aggregate"] == 1 and counts["metrics"] == counts["sample"]
         assert f"results/{cfg['experiment']}/metrics.json" in out
-
-
-def shell_commands(output: str) -> set[str]:
-    cmds = set()
-    for line in output.splitlines():
-        if line.startswith("Shell command: python -m sepen"):
-            cmd = line.removeprefix("Shell command: ")
-            cmds.add(re.sub(r" 2> logs/\S+$", "", cmd).strip())
-    return cmds
 
 
 def test_dvc_stages_run_the_same_commands_and_params_as_the_snakemake_rules(project):
@@ -241,6 +196,70 @@ def test_smoke_rerun_is_a_no_op_and_a_changed_key_reruns_only_what_reads_it(smok
     assert counts["metrics"] == 2 and counts["aggregate"] == 1
 
 
+# Code edits and the steps they must re-run (their code imports the module), in both tools
+REPORT_STEPS = {
+    "report_table",
+    "report_landing",
+    "report_grid",
+    "report_losses",
+    "report_taxonomy",
+    "report_attention",
+}
+CODE_EDITS = {
+    "sepen/losses.py": {"finetune", "toy_premise"},
+    "sepen/report/figures.py": REPORT_STEPS,
+}
+
+
+def edited(project: Path, module: str):
+    """A context in which `module` of the project copy carries one more comment line."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def edit():
+        path = project / module
+        text = path.read_text()
+        path.write_text(text + "\n# an edit that changes no behaviour\n")
+        try:
+            yield
+        finally:
+            path.write_text(text)
+
+    return edit()
+
+
+def summary(project: Path) -> tuple[set[str], set[str]]:
+    """From `snakemake --summary`: the rules whose outputs were made with other params (the code
+    hash is one), and the rules with an update pending."""
+    out = snakemake(project, "--summary", "--configfile", SMOKE).stdout
+    rows = [line.split("\t") for line in out.splitlines() if line.startswith("results/")]
+    changed = {r[2] for r in rows if r[4] == "params changed"}
+    pending = {r[2] for r in rows if r[5] == "update pending"}
+    return changed, pending
+
+
+@pytest.mark.slow
+def test_a_code_edit_reruns_the_steps_whose_code_imports_it_and_what_follows(smoke_run):
+    project, _ = smoke_run
+    with edited(project, "sepen/losses.py"):
+        changed, pending = summary(project)
+        counts = job_counts(snakemake(project, "-n", "--configfile", SMOKE).stdout)
+    assert changed == CODE_EDITS["sepen/losses.py"]
+    assert pending == changed | {"sample", "metrics", "aggregate"} | REPORT_STEPS
+    assert counts["finetune"] == 1 and counts["toy_premise"] == 1
+    assert counts["sample"] == 2 and counts["metrics"] == 2  # the two sepen shards only
+    assert counts["aggregate"] == 1 and counts["report_table"] == 1
+    assert "concepts" not in counts and "prompts" not in counts  # nothing upstream
+    with edited(project, "sepen/report/figures.py"):
+        changed, pending = summary(project)
+        counts = job_counts(snakemake(project, "-n", "--configfile", SMOKE).stdout)
+    assert changed == pending == CODE_EDITS["sepen/report/figures.py"]
+    assert set(counts) - {"all"} == REPORT_STEPS
+    assert summary(project) == (set(), set())  # the edits undone
+    again = snakemake(project, "-n", "--configfile", SMOKE)
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
 @pytest.mark.slow
 def test_workflow_overhead_bench_times_the_no_op_and_the_joint_dag(smoke_run, tmp_path):
     project, _ = smoke_run
@@ -285,12 +304,9 @@ def test_smoke_config_through_dvc_matches_snakemake_and_pushes_and_pulls(
     # dvc.yaml reads config/config.yaml, with every key its stages use written out
     smoke = load_config(ROOT / SMOKE, ["evaluation.shards=1"])
     (project / "config/config.yaml").write_text(yaml.safe_dump(smoke))
-    from sepen.plan import build_plan
-
-    spec = (project / "dvc.yaml").read_text()
-    models = sorted(build_plan(smoke)["models"])  # the models var holds the plan's models
-    spec = re.sub(r"(?ms)^  - models: \[.*?\]", f"  - models: {json.dumps(models)}", spec)
-    (project / "dvc.yaml").write_text(spec)
+    # dvc.yaml generated for it, as for the default config (its models var: the plan's models)
+    run([sys.executable, "-m", "sepen", "workflow", "dvc-yaml"], project)
+    assert "models:\n  - joint\n" in (project / "dvc.yaml").read_text()
     run(["dvc", "init", "--no-scm", "-q"], project)
     run(["dvc", "remote", "add", "-d", "local", str(project / "remote")], project)
     run(["dvc", "repro"], project)
@@ -333,6 +349,13 @@ def test_smoke_config_through_dvc_matches_snakemake_and_pushes_and_pulls(
     changed, ran = change("evaluation", "bootstrap", 100)
     assert changed == {"aggregate", "toy_premise"}
     assert changed <= set(ran) <= changed | {"report_table", "report_landing", "report_taxonomy"}
+
+    # a code edit: the stages whose code imports the module, as Snakemake re-runs them
+    for module, steps in CODE_EDITS.items():
+        with edited(project, module):
+            status = json.loads(run(["dvc", "status", "--json"], project).stdout)
+        assert {name.split("@")[0] for name in status} == steps, module
+    assert "up to date" in run(["dvc", "status"], project).stdout
 
 
 def test_toy_pretraining_and_study_join_the_dag_behind_their_switches(project):
@@ -660,7 +683,7 @@ def test_a_two_process_finetune_from_the_rule_equals_one_process(smoke_run, tmp_
 
 @pytest.fixture(scope="module")
 def local_slurm(tmp_path_factory):
-    from slurm_cluster import LocalSlurm, Unavailable, ensure_installed
+    from helpers.slurm_cluster import LocalSlurm, Unavailable, ensure_installed
 
     try:
         ensure_installed()

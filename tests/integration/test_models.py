@@ -38,7 +38,7 @@ def test_tests_read_an_isolated_model_cache_not_the_machines():
     from pathlib import Path
 
     import huggingface_hub.constants as hub
-    from conftest import ISOLATED_HOME
+    from helpers.isolation import ISOLATED_HOME
     from huggingface_hub import snapshot_download
 
     assert Path(hub.HF_HUB_CACHE).is_relative_to(ISOLATED_HOME)

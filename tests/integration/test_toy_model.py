@@ -2,8 +2,8 @@ import json
 
 import numpy as np
 import torch
-from conftest import TINY_TOY as TINY
-from conftest import write_toy_config
+from helpers.toy import TINY_TOY as TINY
+from helpers.toy import write_toy_config
 from safetensors.torch import load_file
 
 from sepen.config import validate_config

@@ -16,7 +16,7 @@ from sepen.attention import available_resolutions, install_capture
 from sepen.objective import SepenObjective, StepInputs
 from sepen.trainable import prepare_trainable, trainable_layers
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -228,7 +228,7 @@ def test_attend_and_excite_is_refused_for_sdxl(xl):
 
 @pytest.mark.slow
 def test_sdxl_smoke_config_runs_through_snakemake(tmp_path_factory):
-    from test_workflow import copy_project, snakemake
+    from helpers.project import copy_project, snakemake
 
     from sepen.models.tiny import save_tiny_pipeline
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TOY
+from helpers.toy import TINY_TOY
 from safetensors.torch import load_file
 
 from sepen.config import validate_config

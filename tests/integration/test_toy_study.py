@@ -81,7 +81,7 @@ def test_summarise_cell_pairs_each_seed_with_base_and_gives_the_spread():
 def test_study_finetunes_every_model_of_a_cell_per_seed_and_reuses_them(
     tmp_path, tiny_toy_model, mode
 ):
-    from conftest import write_toy_config
+    from helpers.toy import write_toy_config
 
     config = write_toy_config(
         tmp_path / "c.yaml",
@@ -119,7 +119,7 @@ def test_study_finetunes_every_model_of_a_cell_per_seed_and_reuses_them(
 
 
 def test_a_study_cell_may_not_change_what_is_evaluated(tmp_path, tiny_toy_model):
-    from conftest import write_toy_config
+    from helpers.toy import write_toy_config
 
     config = write_toy_config(tmp_path / "c.yaml", tiny_toy_model, resolutions=[16])
     grid = tmp_path / "grid.yaml"
@@ -149,7 +149,7 @@ def test_pretrain_rejects_an_unknown_concept_before_training(tmp_path, capsys):
 def test_pretrain_replaces_an_existing_model_folder(tiny_toy_model, tmp_path):
     import shutil
 
-    from conftest import TINY_TOY
+    from helpers.toy import TINY_TOY
 
     from sepen.config import validate_config
     from sepen.toy.pretrain import pretrain

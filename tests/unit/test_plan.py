@@ -10,7 +10,7 @@ from sepen.config import load_config
 from sepen.errors import ConfigError, SepenError
 from sepen.plan import build_plan, concept_lists, find_concepts, shard_prompts, slugify
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -160,7 +160,7 @@ def test_the_workflow_builds_its_plan_without_importing_torch():
         "    assert build_plan(load_config(path))['order']\n"
         "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))\n"
     )
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
