@@ -5,20 +5,21 @@ import os
 
 from snakemake.utils import min_version, validate
 
-from sepen.config import validate_config
+from sepen.workflow import workflow_config
 
 min_version("9.0")
 
 
-# the default experiment; a --configfile given on the command line replaces it (paper and test
-# configs are complete, not layered over the toy world)
+# the default experiment; a --configfile given on the command line replaces it. A config may be
+# layered over another (`extends: config.yaml`: the paper's configs and world v2 list only what
+# differs from the default run); test configs are complete on their own.
 if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"
 
 
 # sepen's check first: its message names the bad key, its value and what is allowed
-CFG = validate_config(config)
+CFG = workflow_config(workflow, config)
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

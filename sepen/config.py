@@ -85,14 +85,50 @@ def set_override(config: dict, assignment: str) -> None:
     node[parts[-1]] = read_yaml(value)
 
 
+def merge_configs(base: dict, top: dict) -> dict:
+    """`top` layered over `base`: sections merged key by key, any other value replaced (as
+    Snakemake merges a --configfile into the workflow's config)."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_configs(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve_extends(config: dict, folder: str | Path, seen: tuple = ()) -> dict:
+    """The config with the chain of files it `extends` merged in below it (no `extends` left)."""
+    base = (config or {}).get("extends")
+    if not base:
+        return {k: v for k, v in (config or {}).items() if k != "extends"}
+    path = (Path(folder) / base).resolve()
+    if path in seen:
+        raise ConfigError(f"config key extends = {base!r} makes a cycle: {[str(p) for p in seen]}")
+    if not path.is_file():
+        raise ConfigError(
+            f"config key extends = {base!r} names no file ({path}): give a path relative to "
+            "the extending config's folder"
+        )
+    parent = read_yaml(path.read_text()) or {}
+    below = resolve_extends(parent, path.parent, (*seen, path))
+    return merge_configs(below, {k: v for k, v in config.items() if k != "extends"})
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A config file's keys, with the files it extends merged in (not yet validated)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    return resolve_extends(read_yaml(path.read_text()) or {}, path.parent)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
-    """Read a YAML config (or start empty), apply `key=value` overrides, validate."""
+    """Read a YAML config (or start empty) with the files it extends, apply `key=value`
+    overrides, validate."""
     config: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        config = read_yaml(path.read_text()) or {}
+        config = read_config_file(path)
     for assignment in overrides or []:
         set_override(config, assignment)
     return validate_config(config)

@@ -20,7 +20,7 @@ import functools
 import hashlib
 from pathlib import Path
 
-from sepen.config import SCHEMA_PATH, read_yaml, validate_config
+from sepen.config import SCHEMA_PATH, read_config_file, read_yaml, resolve_extends, validate_config
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -215,6 +215,21 @@ def _relative(path) -> str:
     return str(path) if rel.startswith("..") else rel
 
 
+def configfiles(workflow) -> list[Path]:
+    """The config files of a Snakemake run: --configfile, else the Snakefile's default."""
+    return [Path(f) for f in workflow.overwrite_configfiles or []] or [Path("config/config.yaml")]
+
+
+def workflow_config(workflow, config: dict) -> dict:
+    """The validated config of a Snakemake run, with the file it `extends` merged in below it
+    (relative to the folder of the config file that names it)."""
+    folder = configfiles(workflow)[-1].parent
+    for path in configfiles(workflow):
+        if path.is_file() and (read_yaml(path.read_text()) or {}).get("extends"):
+            folder = path.parent
+    return validate_config(resolve_extends(config, folder))
+
+
 def command_config_path(workflow, config: dict, results_dir: str) -> str:
     """The config file the `sepen` commands of a Snakemake run read.
 
@@ -225,10 +240,10 @@ def command_config_path(workflow, config: dict, results_dir: str) -> str:
     """
     import yaml
 
-    files = [_relative(f) for f in (workflow.overwrite_configfiles or [])] or ["config/config.yaml"]
+    files = [_relative(f) for f in configfiles(workflow)]
     if len(files) == 1 and Path(files[0]).is_file():
         try:
-            from_file = validate_config(read_yaml(Path(files[0]).read_text()) or {})
+            from_file = validate_config(read_config_file(files[0]))
         except ValueError:
             from_file = None
         if from_file == config:

@@ -11,9 +11,7 @@ from sepen.workflow import (
     step_params,
 )
 
-CFG = validate_config(
-    config
-)  # raises ConfigError naming the bad key before any job runs
+# CFG: the validated config (the Snakefile's; a bad key stops the run before any job)
 EXP = CFG["experiment"]
 R = f"results/{EXP}"
 LOGS = f"logs/{EXP}"

@@ -1,0 +1,78 @@
+"""Layered configs: the paper's configs and world v2 extend the default run and list only what
+differs from it; layering merges as Snakemake merges a --configfile."""
+
+import copy
+from pathlib import Path
+
+import pytest
+from snakemake.utils import update_config
+
+from sepen.config import ConfigError, load_config, merge_configs, read_yaml, resolve_extends
+
+ROOT = Path(__file__).resolve().parents[2]
+LAYERED = ["sd14_pairs", "sd14_joint", "sd21_pairs", "sdxl_pairs", "sdxl_joint", "toy_v2"]
+
+
+def _leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k not in ("anchors", "thresholds"):
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@pytest.mark.parametrize("name", LAYERED)
+def test_a_layered_config_lists_only_what_differs_from_the_default_run(name):
+    raw = read_yaml((ROOT / f"config/{name}.yaml").read_text())
+    assert raw["extends"] == "config.yaml"
+    base = _leaves(load_config(ROOT / "config/config.yaml"))
+    own = _leaves({k: v for k, v in raw.items() if k != "extends"})
+    same = [k for k, v in own.items() if base.get(k) == v]
+    assert same == [], f"{name} repeats the default run's values of {same}"
+    layered = load_config(ROOT / f"config/{name}.yaml")
+    for key, value in own.items():  # its own keys win, the rest are the default run's
+        assert _leaves(layered)[key] == value
+    assert layered["experiment"] == name
+
+
+def test_the_paper_configs_keep_the_papers_settings():
+    pairs = load_config(ROOT / "config/sd14_pairs.yaml")
+    ft, ev = pairs["finetune"], pairs["evaluation"]
+    assert (ft["mode"], ft["steps"], ft["batch_size"], ft["learning_rate"]) == (
+        "pairs",
+        200,
+        4,
+        2e-6,
+    )
+    assert (ev["images_per_prompt"], ev["sets"], ev["attend_excite"]["scale_factor"]) == (
+        64,
+        [],
+        20,
+    )
+    assert pairs["sampling"]["steps"] == 50 and pairs["sampling"]["guidance_scale"] == 6.0
+    joint = load_config(ROOT / "config/sd14_joint.yaml")["finetune"]
+    assert (joint["mode"], joint["steps"], joint["norm_loss"]) == ("joint", 10000, True)
+    xl = load_config(ROOT / "config/sdxl_pairs.yaml")
+    assert xl["report"]["anchors"] == {} and xl["evaluation"]["methods"] == ["base", "sepen"]
+
+
+def test_layering_merges_as_snakemake_merges_a_configfile():
+    base = {"a": {"b": 1, "c": [1, 2], "d": {"e": 1}}, "f": 1}
+    top = {"a": {"c": [3], "d": {"g": 2}}, "f": None, "h": "x"}
+    expected = copy.deepcopy(base)
+    update_config(expected, top)
+    assert merge_configs(base, top) == expected
+    assert base["a"]["c"] == [1, 2]  # the inputs stay as they were
+
+
+def test_extends_errors_name_the_value_and_the_fix(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="makes a cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="extends = 'nowhere.yaml' names no file"):
+        load_config(tmp_path / "c.yaml")
+    assert resolve_extends({"experiment": "x"}, tmp_path) == {"experiment": "x"}
