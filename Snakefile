@@ -11,8 +11,8 @@ min_version("9.0")
 
 
 # the default experiment; a --configfile given on the command line replaces it. A config may be
-# layered over another (`extends: config.yaml`: the paper's configs and world v2 list only what
-# differs from the default run); test configs are complete on their own.
+# layered over another (`extends: config.yaml`: the paper's, v2 and test configs list only what
+# differs from the default run).
 if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"

@@ -68,6 +68,9 @@ def validate_config(config: dict) -> dict:
             )
         raise ConfigError(f"config key {_key_path(e)} = {e.instance!r} is invalid: {e.message}")
     _fill_defaults(config, schema)
+    # `extends` is a loading directive (read_config_file resolves it), not a setting: kept out
+    # of the validated config, so deltas, checkpoint stamps and params carry settings only
+    config.pop("extends", None)
     return config
 
 

@@ -10,7 +10,16 @@ from snakemake.utils import update_config
 from sepen.config import ConfigError, load_config, merge_configs, read_yaml, resolve_extends
 
 ROOT = Path(__file__).resolve().parents[2]
-LAYERED = ["sd14_pairs", "sd14_joint", "sd21_pairs", "sdxl_pairs", "sdxl_joint", "toy_v2"]
+LAYERED = [
+    "sd14_pairs",
+    "sd14_joint",
+    "sd21_pairs",
+    "sdxl_pairs",
+    "sdxl_joint",
+    "toy_v2",
+    "test/smoke",
+    "test/sdxl_smoke",
+]
 
 
 def _leaves(d: dict, prefix: str = "") -> dict:
@@ -26,7 +35,9 @@ def _leaves(d: dict, prefix: str = "") -> dict:
 @pytest.mark.parametrize("name", LAYERED)
 def test_a_layered_config_lists_only_what_differs_from_the_default_run(name):
     raw = read_yaml((ROOT / f"config/{name}.yaml").read_text())
-    assert raw["extends"] == "config.yaml"
+    assert (ROOT / f"config/{name}.yaml").parent.joinpath(raw["extends"]).resolve() == (
+        ROOT / "config/config.yaml"
+    )
     base = _leaves(load_config(ROOT / "config/config.yaml"))
     own = _leaves({k: v for k, v in raw.items() if k != "extends"})
     same = [k for k, v in own.items() if base.get(k) == v]
@@ -34,7 +45,7 @@ def test_a_layered_config_lists_only_what_differs_from_the_default_run(name):
     layered = load_config(ROOT / f"config/{name}.yaml")
     for key, value in own.items():  # its own keys win, the rest are the default run's
         assert _leaves(layered)[key] == value
-    assert layered["experiment"] == name
+    assert layered["experiment"] == name.split("/")[-1]
 
 
 def test_the_paper_configs_keep_the_papers_settings():

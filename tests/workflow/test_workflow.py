@@ -22,6 +22,7 @@ from helpers.project import (
     snakemake_cmd,
 )
 
+from sepen.config import load_config
 from sepen.toy.detect import FAILURES
 from sepen.workflow import STEP_PARAMS
 
@@ -101,8 +102,8 @@ def test_every_shipped_config_dry_runs_without_weights(project, config):
     out = snakemake(project, "-n", "--configfile", config).stdout
     counts = job_counts(out)
     assert counts["all"] == 1 and counts["report_grid"] == 1 and counts["sample"] >= 2
-    cfg = yaml.safe_load((ROOT / config).read_text())
-    if cfg.get("evaluation", {}).get("metrics"):  # configs without metrics stop at the samples
+    cfg = load_config(ROOT / config)  # with the file it extends
+    if cfg["evaluation"]["metrics"]:  # configs without metrics stop at the samples
         assert counts["aggregate"] == 1 and counts["metrics"] == counts["sample"]
         assert f"results/{cfg['experiment']}/metrics.json" in out
 
@@ -359,7 +360,7 @@ def test_smoke_config_through_dvc_matches_snakemake_and_pushes_and_pulls(
 
 
 def test_toy_pretraining_and_study_join_the_dag_behind_their_switches(project):
-    smoke = yaml.safe_load((ROOT / SMOKE).read_text())
+    smoke = load_config(ROOT / SMOKE)  # layered: written out whole
     smoke["toy"]["pretrain"] = {"run": True}
     smoke["toy"]["study"] = {"run": True}
     smoke["toy"]["card"] = {"run": True}
@@ -385,7 +386,7 @@ def test_toy_pretraining_and_study_join_the_dag_behind_their_switches(project):
 
 
 def test_fid_jobs_join_the_dag_when_a_reference_folder_is_set(project):
-    cfg = yaml.safe_load((ROOT / "config/sd14_pairs.yaml").read_text())
+    cfg = load_config(ROOT / "config/sd14_pairs.yaml")  # layered: written out whole
     cfg["evaluation"]["fid"] = {"reference": "data/coco_val"}
     (project / "fid.yaml").write_text(yaml.safe_dump(cfg))
     out = snakemake(project, "-n", "-p", "--configfile", "fid.yaml").stdout
@@ -667,7 +668,7 @@ def test_a_two_process_finetune_from_the_rule_equals_one_process(smoke_run, tmp_
 
     snake_project, _ = smoke_run
     project = copy_project(tmp_path_factory.mktemp("ddp"))
-    smoke = yaml.safe_load((ROOT / SMOKE).read_text())
+    smoke = load_config(ROOT / SMOKE)  # layered: written out whole
     smoke["finetune"].update(processes=2, batch_size=1)  # the same global batch of 2
     (project / "ddp.yaml").write_text(yaml.safe_dump(smoke))
     target = "results/smoke/models/joint.safetensors"
