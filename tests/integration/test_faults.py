@@ -10,50 +10,30 @@ import sys
 
 import pytest
 import torch
-import yaml
-from helpers.toy import TINY_TOY
+from helpers.toy import toy_experiment
 from safetensors.torch import load_file
 
 from sepen.atomic import write_json
 from sepen.cli.finetune import main, parse_args
-from sepen.config import load_config
 from sepen.finetune.state import checkpoint_problem
-from sepen.plan import build_plan
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
 @pytest.fixture()
 def setup(tmp_path, tiny_toy_model):
-    """A tiny toy experiment: config, plan and folders."""
-    config = {
-        **TINY_TOY,
-        "experiment": "t",
-        "model": {"pretrained": str(tiny_toy_model)},
-        "sampling": {"steps": 2, "guidance_scale": 2.0, "batch_size": 4},
-        "evaluation": {
-            "prompts": "toy",
-            "sets": ["held_out_pairs"],
-            "images_per_prompt": 2,
-            "metrics": ["toy_detection"],
-            "bootstrap": 50,
-        },
-        "toy": {**TINY_TOY["toy"], "held_out_pairs": 2},
-        "finetune": {
-            "mode": "joint",
-            "concepts": ["circle", "square", "star", "ring"],
-            "image_size": 32,
-            "steps": 6,
-            "batch_size": 2,
-            "checkpointing_steps": 2,
-            "checkpoints_total_limit": 3,
-            "log_every": 1,
-        },
-    }
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(yaml.safe_dump(config))
-    plan_path = write_json(tmp_path / "prompts.json", build_plan(load_config(cfg)))
-    return {"config": cfg, "plan": plan_path, "dir": tmp_path, "model": tiny_toy_model}
+    """A tiny toy experiment (config, plan and folders) that checkpoints every 2 of 6 steps."""
+    return toy_experiment(
+        tmp_path,
+        tiny_toy_model,
+        batch_size=4,
+        bootstrap=50,
+        concepts=["circle", "square", "star", "ring"],
+        steps=6,
+        checkpointing_steps=2,
+        checkpoints_total_limit=3,
+        log_every=1,
+    )
 
 
 def _finetune(setup, out, *extra):
