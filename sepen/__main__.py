@@ -41,6 +41,10 @@ TOY_COMMANDS = {
     "premise": ("sepen.cli.toy.premise", "attention on each object, and SepEn's values vs failure"),
     "study": ("sepen.cli.toy.study", "a settings study: base vs SepEn per settings cell"),
     "diagnose": ("sepen.cli.toy.diagnose", "what one delta does to attention and keys"),
+    "test-time": (
+        "sepen.cli.toy.test_time",
+        "test-time settings study: base vs A&E and SepEn at test time per cell",
+    ),
 }
 
 

@@ -94,6 +94,24 @@ def aggregate(plan: dict, rows: dict[str, dict], n_boot: int = 2000, ae_sets=())
     return out
 
 
+def sampling_cost(shards: list[dict]) -> dict:
+    """{method: images drawn, seconds, images/s and time per image relative to base}, from the
+    shards' sampling records (images kept from an earlier run are not counted)."""
+    cost: dict = {}
+    for shard in shards:
+        record = shard.get("sampling") or {}
+        entry = cost.setdefault(shard["method"], {"images": 0, "seconds": 0.0})
+        entry["images"] += int(record.get("drawn", 0))
+        entry["seconds"] += float(record.get("seconds", 0.0))
+    for entry in cost.values():
+        entry["images_per_s"] = entry["images"] / entry["seconds"] if entry["seconds"] else None
+    base = cost.get("base", {}).get("images_per_s")
+    for entry in cost.values():
+        rate = entry["images_per_s"]
+        entry["x_base_time"] = base / rate if base and rate else None
+    return cost
+
+
 def summary_rows(result: dict) -> list[dict]:
     """One row per prompt set and method (and '<method>-base' difference): each metric's mean
     and CI bounds, for `dvc plots` and spreadsheets."""

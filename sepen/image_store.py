@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from sepen.atomic import write_bytes
 from sepen.pipelines import device_and_dtype
+from sepen.plan import TEST_TIME_FINETUNE_KEYS
 
 
 def image_path(images_dir: Path, prompt_id: str, seed: int) -> Path:
@@ -82,8 +83,10 @@ def settings_fingerprint(config: dict, model: str, method: str, deltas) -> str:
         "sampling": [sp["steps"], sp["guidance_scale"], device_and_dtype(sp)[1]],
         "deltas": {d: file_digest(Path(d)) for d in used},
     }
-    if method == "attend_excite":
-        data["attend_excite"] = config["evaluation"]["attend_excite"]
+    if method in ("attend_excite", "sepen_test_time"):  # the test-time methods' settings
+        data[method] = config["evaluation"][method]
+        if method == "sepen_test_time":
+            data["losses"] = {k: config["finetune"][k] for k in TEST_TIME_FINETUNE_KEYS}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

@@ -313,15 +313,23 @@ def build_plan(config: dict, concepts: dict | None = None) -> dict:
     }
 
 
-# Attend-and-Excite samples only the prompts that name several objects: its latent updates
-# balance the objects' attention, which a one-object prompt does not need (and it costs ~5x).
-MULTI_OBJECT_METHODS = ("attend_excite",)
+# The test-time methods sample only the prompts that name several objects: their latent updates
+# balance the objects' attention, which a one-object prompt does not need (and they cost more).
+MULTI_OBJECT_METHODS = ("attend_excite", "sepen_test_time")
+# the finetune keys whose losses SepEn at test time uses (sepen.test_time.GuidanceMethod)
+TEST_TIME_FINETUNE_KEYS = (
+    "lambda_sep",
+    "lambda_en",
+    "token_aggregation",
+    "enhance_kernel",
+    "resolutions",
+)
 
 
 def method_prompts(plan: dict, method: str | None = None, sets=()) -> list[str]:
     """Prompt ids a method samples, in the plan's order.
 
-    Attend-and-Excite samples the multi-object prompts only, and with `sets` given
+    The test-time methods sample the multi-object prompts only, and with `sets` given
     (evaluation.attend_excite.sets) only those of these prompt sets.
     """
     if method not in MULTI_OBJECT_METHODS:

@@ -29,9 +29,11 @@ def paired_difference(after: Sequence[float], before: Sequence[float], **kwargs)
     return bootstrap_ci(a - b, **kwargs)
 
 
-def format_ci(ci: dict, key: str = "mean") -> str:
-    """'0.794 [0.731, 0.856]': a value of `bootstrap_ci` / `auc_ci` (its `key`) with its CI."""
-    return f"{ci[key]:.3f} [{ci['lo']:.3f}, {ci['hi']:.3f}]"
+def format_ci(ci: dict, key: str = "mean", signed: bool = False) -> str:
+    """'0.794 [0.731, 0.856]': a value of `bootstrap_ci` / `auc_ci` (its `key`) with its CI;
+    `signed` for differences ('+0.096 [+0.050, +0.143]')."""
+    f = "+.3f" if signed else ".3f"
+    return f"{ci[key]:{f}} [{ci['lo']:{f}}, {ci['hi']:{f}}]"
 
 
 def roc_auc(scores: Sequence[float], labels: Sequence[float]) -> float:

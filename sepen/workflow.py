@@ -21,6 +21,7 @@ import hashlib
 from pathlib import Path
 
 from sepen.config import SCHEMA_PATH, read_config_file, read_yaml, resolve_extends, validate_config
+from sepen.plan import TEST_TIME_FINETUNE_KEYS
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -67,7 +68,14 @@ STEP_PARAMS: dict[str, list[str]] = {
         *_SAMPLING,
     ],
     "finetune": ["model", "finetune", *_SAMPLING],
-    "sample": ["model", "evaluation.shards", "evaluation.attend_excite", *_SAMPLING],
+    "sample": [
+        "model",
+        "evaluation.shards",
+        "evaluation.attend_excite",
+        "evaluation.sepen_test_time",
+        *(f"finetune.{key}" for key in TEST_TIME_FINETUNE_KEYS),
+        *_SAMPLING,
+    ],
     "metrics": ["evaluation.metrics"],
     "aggregate": [
         "evaluation.bootstrap",

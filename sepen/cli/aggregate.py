@@ -6,7 +6,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sepen.aggregate import aggregate, collect, dvc_metrics, summary_rows, write_csv
+from sepen.aggregate import (
+    aggregate,
+    collect,
+    dvc_metrics,
+    sampling_cost,
+    summary_rows,
+    write_csv,
+)
 from sepen.artifacts import read_json, read_metrics, shard_files
 from sepen.atomic import write_json
 from sepen.command import command_parser, config_from, run_step
@@ -38,6 +45,7 @@ def main(args: argparse.Namespace) -> dict:
     shards = [read_metrics(p) for p in files]
     result = aggregate(plan, collect(shards), ev["bootstrap"], ev["attend_excite"]["sets"])
     result["models"] = next((s["models"] for s in shards if s.get("models")), {})
+    result["sampling_cost"] = sampling_cost(shards)
     for path in args.fid:
         entry = read_json(path, "FID file", "sepen fid", ("method", "fid"))
         result.setdefault("fid", {})[entry["method"]] = entry

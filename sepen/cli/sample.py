@@ -1,18 +1,18 @@
 """`sepen sample`: images of one method for one shard of the plan's prompts, resumable.
 
 The images and their resumption are sepen.image_store's; the shard's manifest (JSON) lists
-every image, how many were generated (written) in this run, how many were kept (`reused`) and
-how many were drawn.
+every image, how many were generated (written) in this run, how many were kept (`reused`), how
+many were drawn and in how many seconds (the sampling cost the report shows per method).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 
 from sepen.atomic import write_json
-from sepen.attend_excite import attend_excite_pipeline, sample_attend_excite
 from sepen.command import add_deprecated, command_parser, config_from, run_step
 from sepen.delta import check_base_model
 from sepen.errors import SepenError
@@ -27,6 +27,8 @@ from sepen.models import load_pipeline
 from sepen.pipelines import DeltaSwitcher, delta_for, device_and_dtype, group_by, plan_items
 from sepen.plan import read_plan
 from sepen.sampling import sample
+from sepen.test_time import METHODS as TEST_TIME_METHODS
+from sepen.test_time import GuidanceMethod
 
 log = logging.getLogger("sepen.sample")
 
@@ -40,6 +42,11 @@ def main(args: argparse.Namespace) -> dict:
         )
     if args.method == "sepen" and args.deltas_dir is None:
         raise SepenError("method 'sepen' needs --deltas-dir, the folder of the finetuned deltas")
+    guided = (
+        GuidanceMethod.from_config(args.method, config)
+        if args.method in TEST_TIME_METHODS
+        else None
+    )
     items = plan_items(
         plan, args.shard, args.shards, args.method, config["evaluation"]["attend_excite"]["sets"]
     )
@@ -64,20 +71,26 @@ def main(args: argparse.Namespace) -> dict:
         len(items) - len(todo),
         len(todo),
     )
-    drawn = 0
+    drawn, seconds = 0, 0.0
     if todo:
         device, dtype = device_and_dtype(config["sampling"], args.shard)
         pipe = load_pipeline(model, config["model"]["revision"], dtype=dtype, device=device)
         switcher = None
         sp = config["sampling"]
-        if args.method == "attend_excite":  # one prompt per call: its token indices
-            ae = attend_excite_pipeline(pipe)
-            ae_cfg = config["evaluation"]["attend_excite"]
-            groups = group_by(items, lambda item: item[0])
+        if guided is not None:  # prompts batched across; each image with its own positions
+            guided.check(pipe)
+            entries = {pid: plan["prompts"][pid] for pid in dict.fromkeys(p for p, _ in items)}
+            where = dict(zip(entries, guided.positions(pipe, list(entries.values()))))
+            groups = {None: items}
 
             def draw(chunk):
-                entry = plan["prompts"][chunk[0][0]]
-                return sample_attend_excite(ae, entry, [s for _, s in chunk], sp, ae_cfg)
+                return guided.sample(
+                    pipe,
+                    [entries[pid] for pid, _ in chunk],
+                    [where[pid] for pid, _ in chunk],
+                    [s for _, s in chunk],
+                    sp["guidance_scale"],
+                )
 
         else:  # one delta at a time (per-pair models), prompts batched across
             switcher = DeltaSwitcher(pipe)
@@ -88,6 +101,7 @@ def main(args: argparse.Namespace) -> dict:
                 seeds = [s for _, s in chunk]
                 return sample(pipe, prompts, seeds, sp["steps"], sp["guidance_scale"], len(chunk))
 
+        start = time.perf_counter()
         drawn = draw_and_save(
             groups,
             draw,
@@ -97,6 +111,7 @@ def main(args: argparse.Namespace) -> dict:
             switcher,
             missing=set(todo),
         )
+        seconds = time.perf_counter() - start
     manifest = {
         "method": args.method,
         "shard": args.shard,
@@ -105,6 +120,7 @@ def main(args: argparse.Namespace) -> dict:
         "generated": len(todo),
         "reused": len(items) - len(todo),
         "drawn": drawn,
+        "seconds": round(seconds, 3),  # drawing time of this run (model loading excluded)
         "images": [
             {"prompt_id": pid, "seed": s, "path": str(image_path(images_dir, pid, s))}
             for pid, s in items

@@ -8,6 +8,45 @@ import html
 
 from sepen.stats import format_ci
 
+# The paper's four rows on Stable Diffusion 1.4 (Attend-and-Excite prompts): detection success
+# (Detic) as the paper reports it; FID from a secondary transcription of the paper's table.
+# Shown in every report and in the README beside our numbers, labelled as reported.
+PAPER_SD14 = (
+    ("base", "Stable Diffusion 1.4", 0.209, 32.96),
+    ("attend_excite", "Attend-and-Excite", 0.383, 45.65),
+    ("sepen", "SepEn (finetuned)", 0.410, 36.85),
+    ("sepen_test_time", "SepEn at test time", 0.441, 41.74),
+)
+PAPER_NOTE = (
+    "reported by the paper, not measured here: Stable Diffusion 1.4, Attend-and-Excite prompts, "
+    "detection success by Detic; the FID values are from a secondary transcription of the "
+    "paper's table"
+)
+
+
+def paper_rows() -> list[list[str]]:
+    """The paper's four rows (PAPER_SD14): method, detection success, FID."""
+    rows = [["method (paper, reported)", "sepen method", "detection success", "FID"]]
+    rows += [[name, key, f"{success:.3f}", f"{fid:.2f}"] for key, name, success, fid in PAPER_SD14]
+    return rows
+
+
+def cost_rows(cost: dict) -> list[list[str]]:
+    """Sampling cost per method: images drawn, seconds, images/s, time per image vs base."""
+    rows = [["method", "images drawn", "seconds", "images/s", "time per image / base"]]
+    for method, c in cost.items():
+        rate, ratio = c["images_per_s"], c["x_base_time"]
+        rows.append(
+            [
+                method,
+                str(c["images"]),
+                f"{c['seconds']:.1f}",
+                "-" if rate is None else f"{rate:.2f}",
+                "-" if ratio is None else f"{ratio:.2f}x",
+            ]
+        )
+    return rows
+
 
 def anchor_row(anchors: dict, metric: str, name: str, methods: list[str], width: int):
     """The paper's reported values for a metric and prompt set ('metric@set', or 'metric' for
@@ -100,7 +139,7 @@ def headline(result: dict) -> list[str]:
             text = f"{m} {format_ci(by_method[m][metric])}"
             if m in diffs:
                 d = diffs[m][metric]
-                text += f" (paired {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}])"
+                text += f" (paired {format_ci(d, signed=True)})"
             parts.append(text)
         n = next(iter(by_method.values()))[metric]["n"]
         lines.append(f"{name} ({n} images), {metric}: " + " -> ".join(parts))
@@ -135,6 +174,11 @@ def landing_text(result: dict, card: dict | None = None, description: str = "") 
         "metrics page (category 1) starts with success, then the failure kinds.",
         "",
     ]
+    out += [f"The paper's four rows ({PAPER_NOTE}):", ""]
+    out += [
+        f"- {name}: detection success {success:.3f}, FID {fid:.2f}"
+        for _, name, success, fid in PAPER_SD14
+    ] + [""]
     if description:
         out += ["What was run", "------------", "", description.strip(), ""]
     return "\n".join(out)
@@ -203,6 +247,13 @@ def table_page(
     for metric in ordered_metrics(result["metrics"]):
         parts.append(f"<h3>{html.escape(metric)} (mean [95% CI])</h3>")
         parts.append(html_table(metrics_table(result, metric, anchors)))
+    parts.append(f"<h3>The paper's four rows ({html.escape(PAPER_NOTE)})</h3>")
+    parts.append(html_table(paper_rows()))
+    if result.get("sampling_cost"):
+        parts.append(
+            "<h3>Sampling cost per method (images drawn in this run, model loading excluded)</h3>"
+        )
+        parts.append(html_table(cost_rows(result["sampling_cost"])))
     if result.get("fid"):
         entries = result["fid"]
         parts.append("<h3>FID against the reference images (lower is better)</h3>")

@@ -26,10 +26,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sepen.attend_excite import attend_excite_pipeline, sample_attend_excite
 from sepen.models import load_pipeline
 from sepen.sampling import sample_with_maps
 from sepen.stats import bootstrap_ci, paired_difference
+from sepen.test_time import GuidanceMethod
 from sepen.tokens import concept_token_positions
 from sepen.toy.detect import FAILURES, object_outcome, regions
 from sepen.toy.evaluate import generate, image_scores, prompt_kinds, rates, to_uint8
@@ -191,7 +191,6 @@ def card(config: dict, model: str, progress: bool = True) -> dict:
     }
 
     # Attend-and-Excite at a grid of step sizes, on the held-out pairs' first seeds
-    ae = attend_excite_pipeline(pipe)
     ae_seeds = seeds[: cc["attend_excite_images"]]
     base_rows = [
         r
@@ -201,10 +200,17 @@ def card(config: dict, model: str, progress: bool = True) -> dict:
     grid = {}
     for scale in cc["attend_excite_scales"]:
         ae_cfg = {**config["evaluation"]["attend_excite"], "scale_factor": scale}
+        ae = GuidanceMethod.from_config(
+            "attend_excite",
+            {**config, "evaluation": {**config["evaluation"], "attend_excite": ae_cfg}},
+        )
         ims = []
         for pair in held:
-            entry = {"prompt": prompt_for(pair), "concepts": list(pair)}
-            ims.append(to_uint8(sample_attend_excite(ae, entry, ae_seeds, sp, ae_cfg)))
+            entries = [{"prompt": prompt_for(pair), "concepts": list(pair)}] * len(ae_seeds)
+            positions = ae.positions(pipe, entries)
+            ims.append(
+                to_uint8(ae.sample(pipe, entries, positions, ae_seeds, sp["guidance_scale"]))
+            )
         ae_rows = image_scores(np.concatenate(ims), [list(c) for c in held for _ in ae_seeds])
         grid[str(scale)] = {
             "success": bootstrap_ci(_success(ae_rows)),

@@ -218,14 +218,6 @@ def test_sdxl_finetune_and_delta_round_trip(tiny_sdxl, tmp_path, monkeypatch):
     assert np.abs(images[0] - before).max() > 0  # the delta changed the images
 
 
-def test_attend_and_excite_is_refused_for_sdxl(xl):
-    from sepen.attend_excite import attend_excite_pipeline
-    from sepen.errors import SepenError
-
-    with pytest.raises(SepenError, match="no Stable Diffusion XL pipeline"):
-        attend_excite_pipeline(xl)
-
-
 @pytest.mark.slow
 def test_sdxl_smoke_config_runs_through_snakemake(tmp_path_factory):
     from helpers.project import copy_project, snakemake
@@ -237,11 +229,18 @@ def test_sdxl_smoke_config_runs_through_snakemake(tmp_path_factory):
     save_tiny_pipeline(project / config["model"]["pretrained"], sdxl=True)
     snakemake(project, "--configfile", "config/test/sdxl_smoke.yaml")
     r = project / "results" / config["experiment"]
-    for method in ("base", "sepen"):
+    methods = ("base", "sepen", "attend_excite", "sepen_test_time")
+    for method in methods:
         manifest = json.loads((r / "samples" / method / "shard-0.json").read_text())
         assert manifest["images"] and all(
             Path(project / i["path"]).is_file() for i in manifest["images"]
         )
+    # the test-time methods draw the multi-object prompts (all of them here) with base's seeds
+    guided = json.loads((r / "samples" / "sepen_test_time" / "shard-0.json").read_text())
+    base = json.loads((r / "samples" / "base" / "shard-0.json").read_text())
+    key = [(i["prompt_id"], i["seed"]) for i in guided["images"]]
+    assert key == [(i["prompt_id"], i["seed"]) for i in base["images"]]
+    assert guided["drawn"] == len(key) and guided["seconds"] > 0
     for png in ("samples", "losses", "attention"):
         assert (r / "report" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
     delta = next((r / "models").glob("*.safetensors"))

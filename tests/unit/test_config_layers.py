@@ -66,7 +66,12 @@ def test_the_paper_configs_keep_the_papers_settings():
     joint = load_config(ROOT / "config/sd14_joint.yaml")["finetune"]
     assert (joint["mode"], joint["steps"], joint["norm_loss"]) == ("joint", 10000, True)
     xl = load_config(ROOT / "config/sdxl_pairs.yaml")
-    assert xl["report"]["anchors"] == {} and xl["evaluation"]["methods"] == ["base", "sepen"]
+    assert xl["report"]["anchors"] == {} and xl["evaluation"]["methods"] == [
+        "base",
+        "sepen",
+        "attend_excite",
+        "sepen_test_time",
+    ]
 
 
 def test_layering_merges_as_snakemake_merges_a_configfile():

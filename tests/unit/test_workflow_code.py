@@ -26,8 +26,10 @@ def test_every_step_has_a_command_and_params():
     assert set(STEP_COMMANDS) == set(STEP_PARAMS)
 
 
-def test_the_loss_module_is_code_of_finetuning_and_the_premise_check_only():
-    assert steps_reading("sepen/losses.py") == {"finetune", "toy_premise"}
+def test_the_loss_module_is_code_of_the_steps_that_compute_the_losses_only():
+    # finetuning, the premise check, and sampling and the card (SepEn at test time, A&E's smoothing)
+    loss_steps = {"finetune", "toy_premise", "sample", "toy_card"}
+    assert steps_reading("sepen/losses.py") == loss_steps
     assert steps_reading("sepen/objective.py") == {"finetune"}
 
 
@@ -72,7 +74,8 @@ def test_a_code_edit_changes_the_hash_of_exactly_the_steps_that_import_it(tmp_pa
     with open(copy / "sepen/losses.py", "a") as f:
         f.write("\n# an edit\n")
     after = hashes()
-    assert {s for s in before if before[s] != after[s]} == {"finetune", "toy_premise"}
+    changed = {s for s in before if before[s] != after[s]}
+    assert changed == {"finetune", "toy_premise", "sample", "toy_card"}
 
 
 def test_committed_dvc_yaml_is_what_the_generator_writes(monkeypatch):
