@@ -6,8 +6,9 @@
 #  - the same for Stable Diffusion XL's UNet at 1024 px (128x128 latents, maps at 32x32),
 #    batch 2, bf16 (text conditioning and size/crop time ids random, as the encoders are
 #    outside a step);
-#  - sampling images/s: stock diffusers vs + a SepEn delta vs Attend-and-Excite, SD 1.4
-#    architecture at 512 px, 50 steps, bf16.
+#  - sampling images/s: stock diffusers vs + a SepEn delta vs the test-time methods in sepen's
+#    loop (Attend-and-Excite, SepEn at test time) vs diffusers' own A&E pipeline, SD 1.4
+#    architecture at 512 px, 50 steps, bf16, one image per call (the paper's peers: A&E ~3.4x).
 # Results go to bench/results/<card>.txt (the printed tables) and <card>-*.json.
 #
 #   bench/gpu.sh            # on the GPU machine

@@ -2,9 +2,11 @@
 
 Give one delta (`--delta`), or a folder of them (`--deltas-dir`, e.g. the per-pair models of a
 workflow run): each prompt then uses the delta trained on exactly the concepts it names (or a
-joint delta that covers them all). Images go where `sepen sample` puts them,
-`<out>/<prompt id>/seed-<seed>.png` (written atomically; a re-run keeps finished images), with
-a manifest `<out>/generate.json`.
+joint delta that covers them all). `--test-time attend_excite|sepen_test_time` with
+`--concepts` guides each image at sampling time instead (or on top of a delta), with the
+config's settings of that method (docs/test-time.md); no finetuning needed. Images go where
+`sepen sample` puts them, `<out>/<prompt id>/seed-<seed>.png` (written atomically; a re-run
+keeps finished images), with a manifest `<out>/generate.json`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from sepen.models import load_pipeline
 from sepen.pipelines import DeltaSwitcher, device_and_dtype, group_by
 from sepen.plan import find_concepts, slugify
 from sepen.sampling import sample
+from sepen.test_time import METHODS as TEST_TIME_METHODS
+from sepen.test_time import GuidanceMethod
 
 log = logging.getLogger("sepen.generate")
 
@@ -109,14 +113,34 @@ def main(args: argparse.Namespace) -> dict:
     sp = config["sampling"]
     steps = args.steps or sp["steps"]
     guidance = sp["guidance_scale"] if args.guidance is None else args.guidance
+    guided = None
+    if args.test_time is not None:
+        if not args.concepts or len(args.concepts) < 2:
+            raise SepenError(
+                f"--test-time {args.test_time} needs --concepts naming two or more objects of "
+                f"the prompts (got {args.concepts or []}), e.g. --concepts cat dog"
+            )
+        config["sampling"]["steps"] = steps
+        guided = GuidanceMethod.from_config(args.test_time, config)
+    elif args.concepts:
+        raise SepenError("--concepts is read with --test-time only: add --test-time METHOD")
     items = [(prompt, s) for prompt in prompts for s in seeds]
     todo = [(p, s) for p, s in items if not is_complete(image_path(args.out, slugify(p), s))]
     if todo:
         device, dtype = device_and_dtype(sp)
         pipe = load_pipeline(model, config["model"]["revision"], dtype=dtype, device=device)
+        if guided is not None:  # every prompt checked before the first image
+            guided.check(pipe)
+            entries = {p: {"prompt": p, "concepts": list(args.concepts)} for p in prompts}
+            where = dict(zip(prompts, guided.positions(pipe, list(entries.values()))))
 
         def draw(chunk):
             prompts_, seeds_ = [p for p, _ in chunk], [s for _, s in chunk]
+            if guided is not None:
+                return guided.sample(
+                    pipe, [entries[p] for p in prompts_], [where[p] for p in prompts_], seeds_,
+                    guidance,
+                )  # fmt: skip
             return sample(pipe, prompts_, seeds_, steps, guidance, len(chunk))
 
         draw_and_save(
@@ -132,6 +156,7 @@ def main(args: argparse.Namespace) -> dict:
         "model": model,
         "steps": steps,
         "guidance_scale": guidance,
+        "test_time": args.test_time,
         "generated": len(todo),
         "reused": len(items) - len(todo),
         "images": [
@@ -161,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", default=["0-3"], help="seeds or ranges (0-3)")
     p.add_argument("--steps", type=int, help="denoising steps (default: sampling.steps)")
     p.add_argument("--guidance", type=float, help="guidance scale (sampling.guidance_scale)")
+    p.add_argument(
+        "--test-time",
+        choices=TEST_TIME_METHODS,
+        help="guide each image at sampling time with this method (evaluation.<method> settings)",
+    )
+    p.add_argument("--concepts", nargs="+", help="with --test-time: the objects every prompt names")
     p.add_argument("--out", type=Path, required=True, help="the images' folder")
     return p
 

@@ -188,6 +188,44 @@ def test_generate_uses_a_joint_delta_that_covers_the_prompt(tmp_path, sd):
         parse_seeds(["x"])
 
 
+def test_generate_guides_each_image_at_test_time_without_a_delta(tmp_path, tiny_model, capsys):
+    from sepen.config import load_config
+    from sepen.models import load_pipeline
+    from sepen.test_time import GuidanceMethod
+
+    out, prompt = tmp_path / "images", "a photo of a cat and a dog"
+    settings = ["--set", "evaluation.attend_excite.attention_res=8"]
+    settings += ["--set", "evaluation.attend_excite.scale_factor=100000"]
+    base = ["--model", tiny_model, "--prompt", prompt, "--seeds", "0-1", *settings]
+    argv = [*base, "--test-time", "attend_excite", "--concepts", "cat", "dog", "--out", out]
+    assert _generate(*argv) == 0
+    manifest = json.loads((out / "generate.json").read_text())
+    assert manifest["test_time"] == "attend_excite" and manifest["generated"] == 2
+    # the images of the method's own sampling, with the same settings and seeds
+    config = load_config(None, ["sampling.steps=2", *settings[1::2]])
+    method = GuidanceMethod.from_config("attend_excite", config)
+    pipe = load_pipeline(tiny_model)
+    entry = {"prompt": prompt, "concepts": ["cat", "dog"]}
+    by_hand = method.sample(pipe, [entry] * 2, method.positions(pipe, [entry]) * 2, [0, 1], 6.0)
+    from PIL import Image
+
+    for k in range(2):
+        saved = np.asarray(Image.open(manifest["images"][k]["path"]), dtype=np.float32) / 255
+        assert np.abs(saved - by_hand[k]).max() <= 1 / 255 + 1e-6
+    plain = tmp_path / "plain"
+    assert _generate(*base, "--out", plain) == 0
+    plain_path = json.loads((plain / "generate.json").read_text())["images"][0]["path"]
+    guided_image = np.asarray(Image.open(manifest["images"][0]["path"]), dtype=np.int16)
+    assert np.abs(np.asarray(Image.open(plain_path), dtype=np.int16) - guided_image).max() > 0
+    # bad input: one line naming the value and the fix, before any image
+    code = _generate(*base, "--test-time", "attend_excite", "--concepts", "cat", "--out", out)
+    assert code == 2 and "needs --concepts naming two or more objects" in capsys.readouterr().err
+    code = _generate(*base, "--test-time", "attend_excite", "--concepts", "cat", "horse",
+                     "--out", tmp_path / "x")  # fmt: skip
+    assert code == 2 and "'horse' not found" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 # ---------------------------------------------------------------- LoRA export
 
 

@@ -92,6 +92,18 @@ def test_each_dvc_stage_lists_its_steps_code_and_params(monkeypatch):
         assert keys == STEP_PARAMS[name], name
 
 
+def test_every_param_dvc_reads_is_written_out_in_the_default_config():
+    """DVC reads key-level params from the file itself, not the schema's defaults."""
+    written = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    for name, stage in spec["stages"].items():
+        for key in stage.get("params", [{}])[0].get("config/config.yaml", []):
+            node = written
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"{name}: {key}"
+                node = node[part]
+
+
 @pytest.mark.parametrize("part", ["dvc-yaml", "docs"])
 def test_the_check_of_the_generated_files_passes_and_fails_on_drift(part, tmp_path, monkeypatch):
     from sepen.__main__ import main
