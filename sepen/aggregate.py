@@ -94,15 +94,15 @@ def aggregate(plan: dict, rows: dict[str, dict], n_boot: int = 2000, ae_sets=())
     return out
 
 
-def sampling_cost(shards: list[dict]) -> dict:
+def sampling_cost(manifests: list[dict]) -> dict:
     """{method: images drawn, seconds, images/s and time per image relative to base}, from the
-    shards' sampling records (images kept from an earlier run are not counted)."""
+    sampling shards' manifests (images kept from an earlier run are not counted). The metric
+    files do not carry these times, so that they stay byte-identical from run to run."""
     cost: dict = {}
-    for shard in shards:
-        record = shard.get("sampling") or {}
-        entry = cost.setdefault(shard["method"], {"images": 0, "seconds": 0.0})
-        entry["images"] += int(record.get("drawn", 0))
-        entry["seconds"] += float(record.get("seconds", 0.0))
+    for manifest in manifests:
+        entry = cost.setdefault(manifest["method"], {"images": 0, "seconds": 0.0})
+        entry["images"] += int(manifest.get("drawn", 0))
+        entry["seconds"] += float(manifest.get("seconds", 0.0))
     for entry in cost.values():
         entry["images_per_s"] = entry["images"] / entry["seconds"] if entry["seconds"] else None
     base = cost.get("base", {}).get("images_per_s")

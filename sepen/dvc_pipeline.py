@@ -136,10 +136,16 @@ def dvc_spec(config_path: str = "config/config.yaml") -> dict:
         cmd=_cmd(
             "python -m sepen aggregate",
             c,
-            f"--plan {plan_file} --metrics-dir {R}/metrics --out {R}/metrics.json",
+            f"--plan {plan_file} --metrics-dir {R}/metrics --samples-dir {R}/samples",
+            f"--out {R}/metrics.json",
             f"--dvc-metrics {R}/metrics_summary.json --table {R}/plots/metrics.csv",
         ),
-        deps=[plan_file, f"{R}/metrics"],
+        # the manifests: each method's sampling time, for the report's cost table
+        deps=[
+            plan_file,
+            f"{R}/metrics",
+            *(f"{R}/samples/{m}/shard-{k}.json" for m in methods for k in range(ev["shards"])),
+        ],
         outs=[f"{R}/metrics.json"],
         metrics=[{f"{R}/metrics_summary.json": {"cache": False}}],
         plots=[{f"{R}/plots/metrics.csv": {"cache": False}}],

@@ -14,7 +14,7 @@ from sepen.aggregate import (
     summary_rows,
     write_csv,
 )
-from sepen.artifacts import read_json, read_metrics, shard_files
+from sepen.artifacts import read_json, read_manifest, read_metrics, shard_files
 from sepen.atomic import write_json
 from sepen.command import command_parser, config_from, run_step
 from sepen.plan import read_plan
@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of <method>/shard-<k>.json for the config's methods and shards",
     )
     p.add_argument("--fid", type=Path, nargs="*", default=[], help="FID files of `sepen fid`")
+    p.add_argument(
+        "--samples-dir",
+        type=Path,
+        help="folder of <method>/shard-<k>.json sampling manifests: the sampling cost per method",
+    )
     p.add_argument("--out", type=Path, required=True, help="full results (JSON)")
     p.add_argument("--dvc-metrics", type=Path, help="compact means for `dvc metrics` (JSON)")
     p.add_argument("--table", type=Path, help="flat table for `dvc plots` (CSV)")
@@ -45,7 +50,9 @@ def main(args: argparse.Namespace) -> dict:
     shards = [read_metrics(p) for p in files]
     result = aggregate(plan, collect(shards), ev["bootstrap"], ev["attend_excite"]["sets"])
     result["models"] = next((s["models"] for s in shards if s.get("models")), {})
-    result["sampling_cost"] = sampling_cost(shards)
+    if args.samples_dir is not None:
+        paths = shard_files(args.samples_dir, ev["methods"], ev["shards"])
+        result["sampling_cost"] = sampling_cost([read_manifest(p) for p in paths])
     for path in args.fid:
         entry = read_json(path, "FID file", "sepen fid", ("method", "fid"))
         result.setdefault("fid", {})[entry["method"]] = entry

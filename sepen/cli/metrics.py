@@ -42,7 +42,6 @@ def main(args: argparse.Namespace) -> list[dict]:
             "metrics": names,
             "models": model_record(config, names),
             "rows": rows,
-            "sampling": {k: manifest.get(k, 0) for k in ("drawn", "seconds")},
         },
     )
     log.info("%d images scored with %s", len(rows), names)

@@ -72,7 +72,7 @@ def test_paper_configs_dry_run_without_weights_and_list_their_jobs(
     assert counts["finetune"] == finetunes and counts["sample"] == shards
     assert counts["concepts"] == counts["prompts"] == counts["report_grid"] == 1
     assert counts["metrics"] == shards and counts["aggregate"] == counts["report_table"] == 1
-    for method in ("base", "sepen", "attend_excite"):
+    for method in ("base", "sepen", "attend_excite", "sepen_test_time"):
         assert f"--method {method}" in out
     assert "sepen finetune" in out
     with pytest.MonkeyPatch.context() as mp:
@@ -84,7 +84,8 @@ def test_paper_configs_dry_run_without_weights_and_list_their_jobs(
 WORKFLOW_CONFIGS = sorted(
     str(p.relative_to(ROOT))
     for p in [*(ROOT / "config").glob("*.yaml"), *(ROOT / "config/test").glob("*.yaml")]
-    if not p.name.startswith("toy_study")  # settings-study grids, not workflow configs
+    # settings-study grids (sepen toy study, sepen toy test-time), not workflow configs
+    if not p.name.startswith(("toy_study", "toy_test_time"))
 )
 
 
@@ -151,8 +152,9 @@ def test_smoke_run_writes_every_artifact_with_real_numbers(smoke_run):
     assert set(result["sets"]) == {"single", "held_out_pairs", "overall"}
     for name, by_method in result["sets"].items():
         n = len(plan["order"] if name == "overall" else plan["sets"][name]) * 2
-        # Attend-and-Excite samples the multi-object prompts only (its set: held-out pairs)
-        methods = ["base", "sepen"] + (["attend_excite"] if name == "held_out_pairs" else [])
+        # the test-time methods sample the multi-object prompts only (their set: held-out pairs)
+        guided = ["attend_excite", "sepen_test_time"]
+        methods = ["base", "sepen"] + (guided if name == "held_out_pairs" else [])
         assert sorted(by_method) == sorted(methods)
         for method in methods:
             ci = by_method[method]["success"]
@@ -168,6 +170,16 @@ def test_smoke_run_writes_every_artifact_with_real_numbers(smoke_run):
         assert (r / "report" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
     html = (r / "report" / "metrics.html").read_text()
     assert "held_out_pairs" in html and "Settings study" in html and "Premise check" in html
+    assert "The paper's four rows" in html and "0.441" in html and "41.74" in html
+    cost = result["sampling_cost"]  # from the manifests: every image of this fresh run drawn
+    assert set(cost) == {"base", "sepen", "attend_excite", "sepen_test_time"}
+    for method, c in cost.items():
+        drawn = sum(
+            json.loads((r / "samples" / method / f"shard-{k}.json").read_text())["drawn"]
+            for k in (0, 1)
+        )
+        assert c["images"] == drawn > 0 and c["seconds"] > 0 and c["images_per_s"] > 0
+    assert cost["base"]["x_base_time"] == 1.0 and "Sampling cost per method" in html
     for method in ("base", "sepen"):
         for shard in (0, 1):
             m = json.loads((r / "samples" / method / f"shard-{shard}.json").read_text())
@@ -207,7 +219,8 @@ REPORT_STEPS = {
     "report_attention",
 }
 CODE_EDITS = {
-    "sepen/losses.py": {"finetune", "toy_premise"},
+    # the losses: finetuning, the premise check and sampling (SepEn at test time, A&E's smoothing)
+    "sepen/losses.py": {"finetune", "toy_premise", "sample"},
     "sepen/report/figures.py": REPORT_STEPS,
 }
 
@@ -246,9 +259,10 @@ def test_a_code_edit_reruns_the_steps_whose_code_imports_it_and_what_follows(smo
         changed, pending = summary(project)
         counts = job_counts(snakemake(project, "-n", "--configfile", SMOKE).stdout)
     assert changed == CODE_EDITS["sepen/losses.py"]
-    assert pending == changed | {"sample", "metrics", "aggregate"} | REPORT_STEPS
+    assert pending == changed | {"metrics", "aggregate"} | REPORT_STEPS
     assert counts["finetune"] == 1 and counts["toy_premise"] == 1
-    assert counts["sample"] == 2 and counts["metrics"] == 2  # the two sepen shards only
+    # every sampling shard (4 methods x 2 shards; the kept images are reused), then their metrics
+    assert counts["sample"] == 8 and counts["metrics"] == 8
     assert counts["aggregate"] == 1 and counts["report_table"] == 1
     assert "concepts" not in counts and "prompts" not in counts  # nothing upstream
     with edited(project, "sepen/report/figures.py"):
@@ -274,8 +288,8 @@ def test_workflow_overhead_bench_times_the_no_op_and_the_joint_dag(smoke_run, tm
     opts = ["--configfile", SMOKE, "--repeats", "1", "--json", str(out)]
     proc = run([*cmd, *opts], project)
     r = json.loads(out.read_text())
-    # sd14_joint: 1 finetune, 3 methods x 8 shards to sample and score, the report's landing text
-    assert r["dag_jobs"] == 58
+    # sd14_joint: 1 finetune, 4 methods x 8 shards to sample and score, the report's landing text
+    assert r["dag_jobs"] == 74
     assert 0 < r["startup_s"] and r["noop_vs_startup"] == r["noop_s"] / r["startup_s"]
     assert f"{r['dag_s']:.2f}" in proc.stdout and "sd14_joint.yaml" in proc.stdout
     # a project whose run is not finished is refused before any of its jobs runs
@@ -390,7 +404,7 @@ def test_fid_jobs_join_the_dag_when_a_reference_folder_is_set(project):
     cfg["evaluation"]["fid"] = {"reference": "data/coco_val"}
     (project / "fid.yaml").write_text(yaml.safe_dump(cfg))
     out = snakemake(project, "-n", "-p", "--configfile", "fid.yaml").stdout
-    assert job_counts(out)["fid"] == 3  # one per method
+    assert job_counts(out)["fid"] == len(cfg["evaluation"]["methods"]) == 4  # one per method
     aggregate = next(c for c in shell_commands(out) if " aggregate " in c)
     assert "--fid results/sd14_pairs/fid/base.json" in aggregate
 

@@ -58,6 +58,7 @@ rule aggregate:
     input:
         plan=f"{R}/prompts.json",
         metrics=metric_files(),
+        manifests=manifests(),
         fid=fid_files(),
     output:
         full=f"{R}/metrics.json",
@@ -81,9 +82,13 @@ rule aggregate:
         metrics_dir=lambda wildcards, input: os.path.join(
             os.path.dirname(input.plan), "metrics"
         ),
+        samples_dir=lambda wildcards, input: os.path.join(
+            os.path.dirname(input.plan), "samples"
+        ),
         config_keys=step_params(CFG, "aggregate"),
         code=code_hash("aggregate"),
     shell:
         "python -m sepen aggregate --config {params.config} --plan {input.plan}"
-        " --metrics-dir {params.metrics_dir}{params.fid} --out {output.full} --dvc-metrics {output.dvc}"
+        " --metrics-dir {params.metrics_dir} --samples-dir {params.samples_dir}{params.fid}"
+        " --out {output.full} --dvc-metrics {output.dvc}"
         " --table {output.table} 2> {log}"
