@@ -84,10 +84,6 @@ class Schedule:
     def guided(self, i: int) -> bool:
         return i < self.update_steps or i in self.thresholds
 
-    @property
-    def last_guided(self) -> int:
-        return max([self.update_steps - 1, *self.thresholds], default=-1)
-
 
 @dataclass
 class Conditioning:
@@ -231,7 +227,7 @@ def guided_sample(
     with _capturing(unet, resolutions, height // pipe.vae_scale_factor) as store:
 
         def loss_and_grad(x, t, index):
-            """(loss, shortfall, gradient) of the images `index` at latents x."""
+            """(shortfall, gradient of the loss) of the images `index` at latents x."""
             emb, added = cond.cond(index)
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -241,15 +237,15 @@ def guided_sample(
                 loss, shortfall = objective(maps, [positions[k] for k in index.tolist()])
                 (grad,) = torch.autograd.grad(loss.sum(), [x])
             counts["guided_passes"] += len(index)
-            return loss.detach(), shortfall.detach(), grad
+            return shortfall.detach(), grad
 
         def guide(latents, i, t):
             size = schedule.step_size(i)
             everyone = torch.arange(latents.shape[0])
-            loss, shortfall, grad = loss_and_grad(latents, t, everyone)
+            shortfall, grad = loss_and_grad(latents, t, everyone)
             if i in schedule.thresholds:
                 target = max(0.0, 1.0 - schedule.thresholds[i])
-                latents, loss, grad = _refine(
+                latents, grad = _refine(
                     latents, shortfall, grad, target, size, schedule.max_refinement,
                     lambda x, idx: loss_and_grad(x, t, idx),
                 )  # fmt: skip
@@ -281,11 +277,10 @@ def guided_sample(
 def _refine(latents, shortfall, grad, target, size, limit, loss_and_grad):
     """Attend-and-Excite's iterative refinement, per image: while its shortfall is above
     `target` (checked before each further update, as the published loop does), step and
-    recompute. Returns (latents, loss, gradient at the returned latents)."""
+    recompute. Returns (latents, gradient at the returned latents)."""
     active = shortfall > target
-    loss = torch.zeros_like(shortfall)
     if not active.any():
-        return latents, loss, grad
+        return latents, grad
     latents, grad = latents.clone(), grad.clone()
     done = torch.zeros_like(active)
     for k in range(1, limit + 1):
@@ -294,7 +289,6 @@ def _refine(latents, shortfall, grad, target, size, limit, loss_and_grad):
             break
         previous = shortfall[index]
         latents[index] = latents[index] - size * grad[index]
-        loss_k, shortfall_k, grad_k = loss_and_grad(latents[index], index)
-        shortfall[index], loss[index], grad[index] = shortfall_k, loss_k, grad_k
+        shortfall[index], grad[index] = loss_and_grad(latents[index], index)
         done[index] = (previous <= target) | (k >= limit)
-    return latents, loss, grad
+    return latents, grad
