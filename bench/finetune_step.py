@@ -255,15 +255,21 @@ def make_batches(ft: dict, unet, latent: int, steps: int, device, dtype):
     from sepen.finetune.signal import SignalSampler, Task
     from sepen.models import build_clip_tokenizer
     from sepen.models.tiny import SD_SCHEDULER
+    from sepen.tokens import concept_token_positions
 
     scheduler = DDPMScheduler(**SD_SCHEDULER)
     sampler = SignalSampler(
         Task.from_settings(ft), (unet.config.in_channels, latent, latent), 1000, 0.18215, 1
     )
     embed = RandomText(unet, device, dtype, latent * 8)
-    positions = Positions(build_clip_tokenizer())
+    tokenizer = build_clip_tokenizer()
+    positions = Positions(lambda prompt, names: concept_token_positions(tokenizer, prompt, names))
+
+    def add_noise(latents, noise, t):
+        return scheduler.add_noise(latents, noise, t), t
+
     return [
-        step_inputs(*sampler.step(s, 0, 0), embed, positions, scheduler.add_noise, device, dtype)
+        step_inputs(*sampler.step(s, 0, 0), embed, positions, add_noise, device, dtype)
         for s in range(steps)
     ]
 

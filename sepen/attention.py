@@ -47,6 +47,8 @@ class AttentionStore:
     captured: list[str] = field(default_factory=list)  # layers set up to record, forward order
     columns: torch.Tensor | None = None  # keep only these text-token columns (None: all)
     stop_after: str | None = None  # raise ForwardStopped after recording this layer
+    text_only: bool = False  # joint attention: maps renormalised over the text tokens
+    previous: dict = field(default_factory=dict)  # joint attention: the processors replaced
 
     def reset(self) -> None:
         self.maps.clear()

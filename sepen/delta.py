@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from sepen.architecture import denoiser_of
 from sepen.atomic import atomic_path
 from sepen.errors import DeltaError
 
@@ -72,8 +73,10 @@ def save_delta(
     trainable: str,
     config: dict,
     lora_scale: float | None = None,
+    architecture: str | None = None,
 ) -> Path:
-    """Write the delta atomically (temp file + rename)."""
+    """Write the delta atomically (temp file + rename). `architecture`: the denoiser's class
+    (UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
@@ -85,6 +88,8 @@ def save_delta(
         "parameters": json.dumps({k: list(v.shape) for k, v in sorted(tensors.items())}),
         "config": json.dumps(config, sort_keys=True),
     }
+    if architecture is not None:
+        metadata["architecture"] = architecture
     if lora_scale is not None:
         metadata["lora_scale"] = repr(float(lora_scale))
     write_safetensors(path, tensors, metadata)
@@ -117,15 +122,23 @@ def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 
 def apply_delta(pipeline, path: str | Path) -> dict[str, str]:
-    """Load a delta into a diffusers pipeline's UNet, in place; returns the delta's metadata.
+    """Load a delta into a diffusers pipeline's denoiser (UNet or MMDiT), in place; returns the
+    delta's metadata.
 
-    Every tensor is checked against the UNet before anything is changed, so a delta for another
-    base model raises DeltaError and leaves the pipeline untouched.
+    Every tensor is checked against the denoiser before anything is changed, so a delta for
+    another base model or architecture raises DeltaError and leaves the pipeline untouched.
     """
     tensors, metadata = read_delta(path)
-    unet = pipeline.unet if hasattr(pipeline, "unet") else pipeline
+    unet = denoiser_of(pipeline)
     params = dict(unet.named_parameters())
     base = metadata.get("base_model", "?")
+    made_for, here = metadata.get("architecture"), type(unet).__name__
+    if made_for is not None and made_for != here:
+        raise DeltaError(
+            f"delta {str(path)!r} was trained for a {made_for} (base model {base!r}); this "
+            f"pipeline's denoiser is a {here}: load a pipeline of that base model, or finetune "
+            f"a delta for this one"
+        )
     updates = {}
     if metadata["trainable"] == "lora":
         scale = float(metadata["lora_scale"])
@@ -133,7 +146,7 @@ def apply_delta(pipeline, path: str | Path) -> dict[str, str]:
             layer = key.removesuffix(".lora_A")
             name = f"{layer}.weight"
             if name not in params or f"{layer}.lora_B" not in tensors:
-                raise DeltaError(_mismatch(path, base, f"{name} does not exist in this UNet"))
+                raise DeltaError(_mismatch(path, base, f"{name} does not exist in this {here}"))
             down, up = tensors[key].float(), tensors[f"{layer}.lora_B"].float()
             weight = params[name]
             if (up.shape[0], down.shape[1]) != tuple(weight.shape):
@@ -149,7 +162,7 @@ def apply_delta(pipeline, path: str | Path) -> dict[str, str]:
     else:
         for name, value in tensors.items():
             if name not in params:
-                raise DeltaError(_mismatch(path, base, f"{name} does not exist in this UNet"))
+                raise DeltaError(_mismatch(path, base, f"{name} does not exist in this {here}"))
             if tuple(params[name].shape) != tuple(value.shape):
                 raise DeltaError(
                     _mismatch(

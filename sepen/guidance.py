@@ -1,11 +1,12 @@
 """Test-time guidance: latent updates from a loss on the object tokens' attention maps
-(docs/test-time.md), for Stable Diffusion 1.x, 2.x and XL pipelines.
+(docs/test-time.md), for Stable Diffusion 1.x, 2.x, XL and 3/3.5 pipelines (the pipelines'
+own steps: sepen.denoising).
 
 One loop serves every test-time method. At each denoising step i it may
 
-1. run the UNet once on the conditional prompt with gradient, until the last layer whose maps
-   the loss reads (`sepen.attention.run_until_captured`), and compute the method's loss per
-   image;
+1. run the denoiser once on the conditional prompt with gradient, until the last layer whose
+   maps the loss reads (`sepen.attention.run_until_captured`), and compute the method's loss
+   per image;
 2. at a refinement step (`Schedule.thresholds`), repeat "gradient step on the latent, new
    loss" while an image's shortfall is above 1 - threshold, at most `max_refinement` times;
 3. in the first `update_steps` steps, take one gradient step on the latent,
@@ -34,9 +35,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sepen.attention import available_resolutions, install_capture, run_until_captured
+from sepen.architecture import Denoiser, capturing, denoiser_of
+from sepen.attention import available_resolutions, run_until_captured
+from sepen.denoising import (
+    check_supported,
+    decode,
+    denoise_step,
+    encode,
+    image_size,
+    scale_input,
+    start,
+)
 from sepen.errors import ResolutionError, SepenError
-from sepen.models.loading import is_sdxl
+from sepen.joint_attention import captured_blocks, is_joint
 
 Objective = Callable[[torch.Tensor, Sequence], tuple[torch.Tensor, torch.Tensor]]
 
@@ -85,102 +96,29 @@ class Schedule:
         return i < self.update_steps or i in self.thresholds
 
 
-@dataclass
-class Conditioning:
-    """Text conditioning of a batch: the classifier-free-guidance pair and the conditional half."""
-
-    emb: torch.Tensor  # (2B or B, T, C): [unconditional; conditional] with guidance
-    added: dict | None  # SDXL's added_cond_kwargs for `emb`
-    guidance: bool
-
-    def cond(self, index: torch.Tensor | None = None) -> tuple[torch.Tensor, dict | None]:
-        """The conditional prompts' embeddings (and added conditioning), optionally a subset."""
-        n = self.emb.shape[0] // 2 if self.guidance else 0
-
-        def pick(x):
-            x = x[n:]
-            return x if index is None else x[index]
-
-        added = None if self.added is None else {k: pick(v) for k, v in self.added.items()}
-        return pick(self.emb), added
-
-
-def encode(pipe, prompts: Sequence[str], guidance_scale: float, height: int, width: int):
-    """The pipeline's own prompt encoding (and SDXL's size/crop time ids), as its __call__ does."""
-    device = pipe._execution_device
-    guidance = guidance_scale > 1.0
-    if not is_sdxl(pipe):
-        emb, neg = pipe.encode_prompt(list(prompts), device, 1, guidance)
-        return Conditioning(torch.cat([neg, emb]) if guidance else emb, None, guidance)
-    emb, neg, pooled, neg_pooled = pipe.encode_prompt(
-        prompt=list(prompts), device=device, num_images_per_prompt=1,
-        do_classifier_free_guidance=guidance,
-    )  # fmt: skip
-    projection = (
-        int(pooled.shape[-1])
-        if pipe.text_encoder_2 is None
-        else pipe.text_encoder_2.config.projection_dim
-    )
-    time_ids = pipe._get_add_time_ids(
-        (height, width), (0, 0), (height, width), dtype=emb.dtype,
-        text_encoder_projection_dim=projection,
-    )  # fmt: skip
-    if guidance:
-        emb, pooled = torch.cat([neg, emb]), torch.cat([neg_pooled, pooled])
-        time_ids = torch.cat([time_ids, time_ids])
-    time_ids = time_ids.to(device).repeat(len(prompts), 1)
-    added = {"text_embeds": pooled.to(device), "time_ids": time_ids}
-    return Conditioning(emb.to(device), added, guidance)
-
-
-def decode(pipe, latents: torch.Tensor, output_type: str = "np"):
-    """Images from final latents, as the pipeline's __call__ decodes them."""
-    if output_type == "latent":
-        return latents
-    vae = pipe.vae
-    upcast = is_sdxl(pipe) and vae.dtype == torch.float16 and vae.config.force_upcast
-    if upcast:
-        vae.to(dtype=torch.float32)
-    latents = latents.to(vae.dtype)
-    mean = getattr(vae.config, "latents_mean", None)
-    std = getattr(vae.config, "latents_std", None)
-    if is_sdxl(pipe) and mean is not None and std is not None:
-        shape = (1, len(mean), 1, 1)
-        mean = torch.tensor(mean).view(shape).to(latents)
-        std = torch.tensor(std).view(shape).to(latents)
-        latents = latents * std / vae.config.scaling_factor + mean
-    else:
-        latents = latents / vae.config.scaling_factor
-    with torch.no_grad():
-        image = vae.decode(latents, return_dict=False)[0]
-    if upcast:
-        vae.to(dtype=torch.float16)
-    if is_sdxl(pipe) and getattr(pipe, "watermark", None) is not None:
-        image = pipe.watermark.apply_watermark(image)
-    return pipe.image_processor.postprocess(
-        image, output_type=output_type, do_denormalize=[True] * image.shape[0]
-    )
-
-
 @contextlib.contextmanager
-def _capturing(unet, resolutions: Sequence[int], latent_side: int):
-    """The capture processors on `unet` and its weights frozen; both restored afterwards."""
-    processors = dict(unet.attn_processors)
-    flags = {name: p.requires_grad for name, p in unet.named_parameters()}
-    unet.requires_grad_(False)
+def _capturing(model, capture: dict, latent_side: int):
+    """The capture processors on the denoiser and its weights frozen; both restored afterwards."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
     try:
-        yield install_capture(unet, list(resolutions), latent_side, detach_start_token=False)
+        with capturing(model, capture, latent_side, detach_start_token=False) as store:
+            yield store
     finally:
-        unet.set_attn_processor(processors)
-        for name, p in unet.named_parameters():
+        for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
 
 
-def check_capture(pipe, resolutions: Sequence[int], key: str) -> None:
-    """Raise ResolutionError naming `key` and the grids there are, if the pipeline has no
-    cross-attention maps at `resolutions` (at its default image size)."""
-    side = pipe.unet.config.sample_size
-    available = available_resolutions(pipe.unet, side)
+def check_capture(pipe, capture: dict, key: str) -> None:
+    """Raise ResolutionError naming `key` and the grids (or blocks) there are, if the pipeline
+    has no maps where `capture` asks for them (at its default image size)."""
+    model = denoiser_of(pipe)
+    if is_joint(model):
+        captured_blocks(model, capture.get("blocks"))
+        return
+    resolutions = capture["resolutions"]
+    side = model.config.sample_size
+    available = available_resolutions(model, side)
     missing = [int(r) for r in resolutions if int(r) not in available]
     if missing or not resolutions:
         raise ResolutionError(
@@ -197,43 +135,40 @@ def guided_sample(
     seeds: Sequence[int],
     objective: Objective,
     schedule: Schedule,
-    resolutions: Sequence[int],
+    capture: dict,
     guidance_scale: float,
     output_type: str = "np",
     on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     stats: dict | None = None,
 ):
     """Images of `prompts` (image i from prompt i, a generator seeded by seeds[i]) with the
-    latents guided by `objective` on the maps at `resolutions` (module doc).
+    latents guided by `objective` on the maps `capture` asks for (module doc).
 
-    `positions[i]` are prompt i's concept token positions (sepen.tokens; for SDXL in the first
-    tokenizer's sequence). `on_step(i, t, latents)` is called after each denoising step.
-    `stats`, if given, receives counts of the UNet passes with gradient.
+    `capture`: a UNet's `resolutions`, or an MMDiT's `blocks` and `joint_maps`
+    (sepen.architecture.capturing). `positions[i]` are prompt i's concept token positions
+    (sepen.architecture.text_positions). `on_step(i, t, latents)` is called after each
+    denoising step. `stats`, if given, receives counts of the passes with gradient.
     """
     if not len(prompts) == len(positions) == len(seeds):
         raise ValueError("prompts, positions and seeds differ in length")
-    unet, scheduler = pipe.unet, pipe.scheduler
-    height = width = unet.config.sample_size * pipe.vae_scale_factor
-    device = pipe._execution_device
-    cond = encode(pipe, prompts, guidance_scale, height, width)
-    scheduler.set_timesteps(schedule.steps, device=device)
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    latents = pipe.prepare_latents(
-        len(prompts), unet.config.in_channels, height, width, cond.emb.dtype, device, generators
-    )
-    extra = pipe.prepare_extra_step_kwargs(generators, 0.0)
+    check_supported(pipe)
+    model, scheduler = denoiser_of(pipe), pipe.scheduler
+    call = Denoiser(model)
+    size = image_size(pipe)
+    cond = encode(pipe, prompts, guidance_scale, size, size)
+    latents, timesteps, extra = start(pipe, seeds, schedule.steps, cond, size)
     counts = stats if stats is not None else {}
     counts.setdefault("guided_passes", 0)
-    with _capturing(unet, resolutions, height // pipe.vae_scale_factor) as store:
+    with _capturing(model, capture, size // pipe.vae_scale_factor) as store:
 
         def loss_and_grad(x, t, index):
             """(shortfall, gradient of the loss) of the images `index` at latents x."""
             emb, added = cond.cond(index)
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
-                model_in = scheduler.scale_model_input(x, t)
-                kwargs = {} if added is None else {"added_cond_kwargs": added}
-                maps = run_until_captured(unet, store, model_in, t, emb, **kwargs)
+                model_in = scale_input(scheduler, x, t)
+                t_in = t if call.kind == "unet" else t.expand(len(x))
+                maps = run_until_captured(call, store, model_in, t_in, emb, added)
                 loss, shortfall = objective(maps, [positions[k] for k in index.tolist()])
                 (grad,) = torch.autograd.grad(loss.sum(), [x])
             counts["guided_passes"] += len(index)
@@ -253,22 +188,14 @@ def guided_sample(
                 latents = latents - size * grad
             return latents.detach()
 
-        for i, t in enumerate(scheduler.timesteps):
+        for i, t in enumerate(timesteps):
             if schedule.guided(i):
                 latents = guide(latents, i, t)
             store.enabled = False
             try:
-                model_in = torch.cat([latents] * 2) if cond.guidance else latents
-                model_in = scheduler.scale_model_input(model_in, t)
-                kwargs = {} if cond.added is None else {"added_cond_kwargs": cond.added}
-                with torch.no_grad():
-                    noise = unet(model_in, t, encoder_hidden_states=cond.emb, **kwargs).sample
+                latents = denoise_step(pipe, call, latents, t, cond, guidance_scale, extra)
             finally:
                 store.enabled = True
-            if cond.guidance:
-                uncond, text = noise.chunk(2)
-                noise = uncond + guidance_scale * (text - uncond)
-            latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
             if on_step is not None:
                 on_step(i, t, latents)
     return decode(pipe, latents, output_type)

@@ -7,9 +7,13 @@ reported and stored in the file's metadata. A LoRA delta is converted as it is (
 folded into the up factor). Formats:
 
 - `diffusers`: PEFT keys `unet.<module>.lora_A.weight` (down) and `.lora_B.weight` (up), for
-  `pipe.load_lora_weights(FILE)` on a stock pipeline;
+  `pipe.load_lora_weights(FILE)` on a stock pipeline (an MMDiT's: `transformer.<module>...`,
+  which ComfyUI also reads);
 - `kohya`: `lora_unet_<module with _ for .>.lora_down.weight`, `.lora_up.weight` and `.alpha`,
   the names ComfyUI and AUTOMATIC1111 read; a reader scales each layer by alpha / its rank.
+  FLUX.1: kohya stores the text stream's q, k and v fused (`lora_unet_double_blocks_<i>_
+  txt_attn_qkv`), so the up factor has q's and v's rows zero and k's rows in the middle. SD3
+  has no kohya form that diffusers reads: use `diffusers`.
 
 The rank is one number for every layer (capped by the smallest layer's full rank), or `full`:
 each layer at its own full rank, min(out, in) of its key projection (a LoRA delta: its own
@@ -27,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -105,8 +110,29 @@ def ranks_needed(changes: dict[str, torch.Tensor], errors) -> dict[str, dict[flo
 
 
 def kohya_name(module: str) -> str:
-    """The kohya / ComfyUI / AUTOMATIC1111 name of a diffusers UNet module."""
+    """The kohya / ComfyUI / AUTOMATIC1111 name of a diffusers UNet module (FLUX.1: the fused
+    text q/k/v of its double-stream block)."""
+    joint = re.fullmatch(r"transformer_blocks\.(\d+)\.attn\.add_k_proj", module)
+    if joint:
+        return f"lora_unet_double_blocks_{joint.group(1)}_txt_attn_qkv"
     return "lora_unet_" + module.replace(".", "_")
+
+
+PREFIX = {
+    "UNet2DConditionModel": "unet",
+    "SD3Transformer2DModel": "transformer",
+    "FluxTransformer2DModel": "transformer",
+}
+
+
+def check_format(fmt: str, architecture: str) -> None:
+    if fmt not in FORMATS:
+        raise SepenError(f"format {fmt!r} is not one of {list(FORMATS)}")
+    if fmt == "kohya" and architecture == "SD3Transformer2DModel":
+        raise SepenError(
+            "--format kohya has no SD3 form that diffusers reads: use --format diffusers (PEFT "
+            "keys, which diffusers' load_lora_weights and ComfyUI read)"
+        )
 
 
 def layer_ranks(
@@ -126,23 +152,34 @@ def layer_ranks(
 
 
 def lora_state(
-    changes: dict[str, torch.Tensor], ranks: dict[str, int], fmt: str
+    changes: dict[str, torch.Tensor],
+    ranks: dict[str, int],
+    fmt: str,
+    architecture: str = "UNet2DConditionModel",
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The LoRA file's tensors (float32) and each layer's relative error, each layer at its
-    rank in `ranks` (see `layer_ranks`)."""
-    if fmt not in FORMATS:
-        raise SepenError(f"format {fmt!r} is not one of {list(FORMATS)}")
+    rank in `ranks` (see `layer_ranks`); `architecture`: the delta's denoiser class."""
+    check_format(fmt, architecture)
+    prefix = PREFIX[architecture]
     tensors, errors = {}, {}
     alpha = min(ranks.values())  # kohya: one alpha for every layer (see the module's text)
     for module, change in changes.items():
         down, up, errors[module] = factorise(change, ranks[module])
         if fmt == "diffusers":
-            tensors[f"unet.{module}.lora_A.weight"] = down.float().contiguous()
-            tensors[f"unet.{module}.lora_B.weight"] = up.float().contiguous()
+            tensors[f"{prefix}.{module}.lora_A.weight"] = down.float().contiguous()
+            tensors[f"{prefix}.{module}.lora_B.weight"] = up.float().contiguous()
         else:
             name = kohya_name(module)
+            if prefix == "transformer" and not name.endswith("_txt_attn_qkv"):
+                raise SepenError(
+                    f"{module}: kohya's FLUX.1 form fuses the text q/k/v, so only key deltas "
+                    f"export to it; use --format diffusers for a delta with values"
+                )
+            up = up * ranks[module] / alpha
+            if name.endswith("_txt_attn_qkv"):  # q and v rows zero: only the keys change
+                up = torch.cat([torch.zeros_like(up), up, torch.zeros_like(up)])
             tensors[f"{name}.lora_down.weight"] = down.float().contiguous()
-            tensors[f"{name}.lora_up.weight"] = (up * ranks[module] / alpha).float().contiguous()
+            tensors[f"{name}.lora_up.weight"] = up.float().contiguous()
             tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
     return tensors, errors
 
@@ -164,11 +201,12 @@ def export_lora(
     """Write the LoRA file; returns its report (rank, each layer's rank, errors per layer and
     overall). `rank`: a number for every layer, 'full', or None (a LoRA delta's own rank)."""
 
-    if fmt not in FORMATS:
-        raise SepenError(f"format {fmt!r} is not one of {list(FORMATS)}")
+    check_format(fmt, "UNet2DConditionModel")
     if rank != FULL and rank is not None and (not isinstance(rank, int) or rank < 1):
         raise SepenError(f"rank {rank!r} must be a number of at least 1 or {FULL!r}")
     changes, meta, lora_rank = weight_changes(delta, model)
+    architecture = meta.get("architecture", "UNet2DConditionModel")
+    check_format(fmt, architecture)
     if not changes:
         raise SepenError(f"delta {str(delta)!r} holds no trained layer to export")
     if rank is None:
@@ -182,7 +220,7 @@ def export_lora(
             f"rank {rank} is above the LoRA delta's rank {lora_rank}: choose at most {lora_rank}"
         )
     ranks = layer_ranks(changes, rank, lora_rank)
-    tensors, errors = lora_state(changes, ranks, fmt)
+    tensors, errors = lora_state(changes, ranks, fmt, architecture)
     report = {
         "rank": rank,
         "ranks": ranks,

@@ -3,9 +3,10 @@
 The cheap way to compute the Separate-and-Enhance losses (docs/method.md, Eqs. 1-4;
 docs/performance.md):
 
-- the UNet runs on the multi-object prompts only until the last layer whose maps the losses
-  read (`run_until_captured`); nothing after it runs or is kept for the backward pass, and the
-  backward pass stops at the first trainable layer by itself (nothing earlier needs a gradient);
+- the denoiser (UNet or MMDiT, sepen.architecture) runs on the multi-object prompts only until
+  the last layer whose maps the losses read (`run_until_captured`); nothing after it runs or
+  is kept for the backward pass, and the backward pass stops at the first trainable layer by
+  itself (nothing earlier needs a gradient);
 - attention outside the captured layers is scaled-dot-product attention, and the captured
   layers keep only the object tokens' columns;
 - the norm loss's frozen prediction (docs/method.md, Eq. 3) swaps the original key weights in
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sepen.architecture import Denoiser
 from sepen.attention import AttentionStore, run_until_captured
 from sepen.losses import norm_loss, total_loss
 from sepen.tokens import aggregate_token_maps
@@ -34,8 +36,9 @@ class StepInputs:
 
     `positions[b][i]` are the token positions of concept i of sample b (sepen.tokens);
     `single` holds (noisy latents, timesteps, text embeddings) of the single-object prompts of
-    the norm loss, or None without it. `added` and `single_added` are the UNet's
-    `added_cond_kwargs` (SDXL's pooled text embedding and size/crop time ids), None for SD 1.x.
+    the norm loss, or None without it. `added` and `single_added` are the extra conditioning of
+    `sepen.architecture.Denoiser`: SDXL's `added_cond_kwargs` (pooled text embedding and
+    size/crop time ids), the MMDiTs' pooled projections; None for SD 1.x.
     """
 
     noisy: torch.Tensor
@@ -45,10 +48,6 @@ class StepInputs:
     single: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     added: dict | None = None
     single_added: dict | None = None
-
-
-def _extra(added: dict | None) -> dict:
-    return {} if added is None else {"added_cond_kwargs": added}
 
 
 def token_columns(positions) -> tuple[torch.Tensor, list[list[list[int]]]]:
@@ -64,7 +63,8 @@ class SepenObjective(torch.nn.Module):
 
     `originals`: the starting values of the trained tensors (None for a LoRA, whose adapters
     are switched off instead). `early_exit` and `capture_columns` exist so that the benchmark
-    can measure what each saves; both are on in finetuning.
+    can measure what each saves; both are on in finetuning. `guidance`: FLUX.1-dev's embedded
+    guidance scale (ignored by other models).
     """
 
     def __init__(
@@ -80,9 +80,11 @@ class SepenObjective(torch.nn.Module):
         originals: dict[str, torch.Tensor] | None = None,
         early_exit: bool = True,
         capture_columns: bool = True,
+        guidance: float | None = None,
     ) -> None:
         super().__init__()
         self.unet = unet
+        self.call = Denoiser(unet, guidance)
         self.store = store
         self.lambdas = (lambda_sep, lambda_en, lambda_norm)
         self.how = token_aggregation
@@ -108,42 +110,61 @@ class SepenObjective(torch.nn.Module):
 
     def concept_maps(self, inputs: StepInputs) -> torch.Tensor:
         """(B, N, H, h, w): each sample's concept maps, from one (early-exit) UNet call."""
+        # the columns stay set until the next call: with gradient checkpointing the backward
+        # pass runs the captured layers again, and they must keep the same columns then
         if self.capture_columns:
             columns, groups = token_columns(inputs.positions)
             self.store.columns = columns.to(inputs.noisy.device)
         else:
             groups = inputs.positions
-        args = (inputs.noisy, inputs.timesteps, inputs.emb)
-        extra = _extra(inputs.added)
-        try:
-            if self.early_exit:
-                maps = run_until_captured(self.unet, self.store, *args, **extra)
-            else:
-                self.store.reset()
-                self.unet(*args, **extra)
-                maps = self.store.aggregate()
-        finally:
             self.store.columns = None
+        args = (inputs.noisy, inputs.timesteps, inputs.emb, inputs.added)
+        if self.early_exit:
+            maps = run_until_captured(self.call, self.store, *args)
+        else:
+            self.store.reset()
+            self.call(*args)
+            maps = self.store.aggregate()
         return torch.stack(
             [aggregate_token_maps(maps[b], g, self.how) for b, g in enumerate(groups)]
         )
 
-    def norm(self, single, added: dict | None = None) -> torch.Tensor:
-        """MSE between this UNet's prediction and the original keys' prediction."""
+    def frozen(self, single, added: dict | None = None) -> torch.Tensor:
+        """The original keys' prediction for the norm loss (no gradient).
+
+        It runs before any forward pass of the step that keeps weights for the backward pass:
+        the keys are swapped in place, and in an MMDiT a later block's text-key projection is
+        kept for the gradient of an earlier block's (its input depends on them), so a swap
+        after that forward would invalidate it."""
         noisy, timesteps, emb = single
-        extra = _extra(added)
         self.store.enabled = False
         try:
-            prediction = self.unet(noisy, timesteps, emb, **extra).sample
             with torch.no_grad(), original_weights(self.unet, self.originals):
-                frozen = self.unet(noisy, timesteps, emb, **extra).sample
+                return self.call(noisy, timesteps, emb, added)
         finally:
             self.store.enabled = True
+
+    def norm(self, single, added: dict | None, frozen: torch.Tensor) -> torch.Tensor:
+        """MSE between this denoiser's prediction and the original keys' prediction.
+
+        With gradient checkpointing the backward pass runs the blocks of both passes again in
+        the store's state of that moment, so this pass keeps the capture on as the maps pass
+        had it (its maps are dropped): the recomputed attention then takes the same path."""
+        noisy, timesteps, emb = single
+        checkpointing = getattr(self.unet, "is_gradient_checkpointing", False)
+        self.store.enabled = checkpointing
+        try:
+            prediction = self.call(noisy, timesteps, emb, added)
+        finally:
+            self.store.enabled = True
+            self.store.reset()
         return norm_loss(prediction, frozen)
 
     def forward(self, inputs: StepInputs) -> dict[str, torch.Tensor]:
+        single, added = inputs.single, inputs.single_added
+        frozen = self.frozen(single, added) if single is not None else None
         maps = self.concept_maps(inputs)
-        norm = self.norm(inputs.single, inputs.single_added) if inputs.single is not None else None
+        norm = self.norm(single, added, frozen) if single is not None else None
         lambda_sep, lambda_en, lambda_norm = self.lambdas
         with torch.autocast(maps.device.type, enabled=False):  # the losses run in float32
             return total_loss(maps, lambda_sep, lambda_en, norm, lambda_norm, self.kernel)

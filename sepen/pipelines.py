@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from sepen.architecture import denoiser_of
 from sepen.delta import apply_delta, read_delta
 from sepen.errors import SepenError
 from sepen.plan import shard_prompts
@@ -46,7 +47,7 @@ class DeltaSwitcher:
         key = str(path) if path else None
         if key == self.current:
             return
-        params = dict(self.pipe.unet.named_parameters())
+        params = dict(denoiser_of(self.pipe).named_parameters())
         with torch.no_grad():
             for name, value in self.saved.items():
                 params[name].copy_(value)

@@ -269,7 +269,7 @@ def build_plan(config: dict, concepts: dict | None = None) -> dict:
             )
         sets = {k: v for k, v in sets.items() if k in ev["sets"]}
     unknown = sorted(set(ev["attend_excite"]["sets"]) - set(sets))
-    if unknown:
+    if unknown and set(MULTI_OBJECT_METHODS) & set(ev["methods"]):  # (read only by those)
         raise ConfigError(
             f"evaluation.attend_excite.sets names {unknown}, not among the evaluated prompt "
             f"sets {sorted(sets)}: name evaluated sets (or [] for every multi-object set)"
@@ -323,6 +323,8 @@ TEST_TIME_FINETUNE_KEYS = (
     "token_aggregation",
     "enhance_kernel",
     "resolutions",
+    "blocks",
+    "joint_maps",
 )
 
 

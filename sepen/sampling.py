@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sepen.attention import install_capture
+from sepen.architecture import call_options, capturing, denoiser_of
 from sepen.tokens import aggregate_token_maps
 
 
@@ -46,6 +46,7 @@ def sample(
                     guidance_scale=guidance,
                     generator=gens,
                     output_type=output_type,
+                    **call_options(pipe),
                 ).images
             )
     if output_type == "np":
@@ -60,22 +61,25 @@ def sample_with_maps(
     seeds: Sequence[int],
     steps: int,
     guidance: float,
-    resolutions: Sequence[int],
+    capture,
     batch_size: int = 32,
     how: str = "mean",
     desc: str | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Images and each image's concept attention maps, averaged over the denoising steps.
 
-    `positions[i]` are the token positions of prompt i's concepts (sepen.tokens). The maps are
-    the raw cross-attention probabilities of the conditional prompt (heads averaged, layers at
-    `resolutions` averaged at the largest grid, sub-tokens combined by `how`): entry i has shape
-    (N_i, h, w). The pipeline's attention processors are restored afterwards.
+    `positions[i]` are the token positions of prompt i's concepts
+    (sepen.architecture.text_positions). `capture` says where the maps are read: a `finetune`
+    section (a UNet's `resolutions`, an MMDiT's `blocks` and `joint_maps`) or a list of
+    resolutions. The maps are the attention probabilities of the conditional prompt (heads
+    averaged, layers averaged at the largest grid, sub-tokens combined by `how`): entry i has
+    shape (N_i, h, w). The pipeline's attention processors are restored afterwards.
     """
 
-    unet = pipe.unet
-    original = dict(unet.attn_processors)
-    store = install_capture(unet, list(resolutions), unet.config.sample_size)
+    model = denoiser_of(pipe)
+    if not isinstance(capture, dict):
+        capture = {"resolutions": list(capture)}
+    side = getattr(model.config, "sample_size", None) or 128
     images, maps = [], []
     state: dict = {}
 
@@ -88,7 +92,7 @@ def sample_with_maps(
         store.reset()
         return kwargs
 
-    try:
+    with capturing(model, capture, side) as store:
         for lo, chunk, gens in seeded_batches(prompts, seeds, batch_size, desc):
             state["where"] = positions[lo : lo + batch_size]
             state["acc"] = [None] * len(chunk)
@@ -101,9 +105,8 @@ def sample_with_maps(
                     generator=gens,
                     output_type="np",
                     callback_on_step_end=on_step,
+                    **call_options(pipe),
                 )
             images.append(out.images)
             maps += [(a / steps).cpu().numpy() for a in state["acc"]]
-    finally:
-        unet.set_attn_processor(original)
     return np.concatenate(images), maps

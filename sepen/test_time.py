@@ -8,8 +8,10 @@
   card seeds (docs/test-time.md shows the alternatives measured).
 
 `GuidanceMethod.from_config` reads a method's settings; `sample_test_time` draws a batch of
-plan entries with it. Positions come from sepen.tokens (SDXL: the first tokenizer, as in
-finetuning): every sub-token of every concept is a target.
+plan entries with it. Positions come from sepen.architecture.text_positions (SDXL: the first
+tokenizer; SD3: CLIP and T5 copies, as in finetuning): every sub-token of every concept is a
+target. On an MMDiT both read the joint blocks of finetune.blocks; A&E renormalises the
+joint maps over the text itself, SepEn at test time reads them as finetune.joint_maps says.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from dataclasses import dataclass
 
 import torch
 
+from sepen.architecture import text_positions
 from sepen.attend_excite import attend_excite_loss, attend_excite_schedule, renormalise
+from sepen.denoising import check_supported
 from sepen.errors import SepenError
 from sepen.guidance import Objective, Schedule, check_capture, guided_sample
 from sepen.losses import enhance_loss, separate_loss
-from sepen.tokens import aggregate_token_maps, concept_token_positions
+from sepen.tokens import aggregate_token_maps
 
 METHODS = ("attend_excite", "sepen_test_time")
 MAPS = ("raw", "renormalised")
@@ -65,20 +69,28 @@ class SepenTestTime:
 
 @dataclass(frozen=True)
 class GuidanceMethod:
-    """A test-time method's objective, schedule and the map resolutions it reads."""
+    """A test-time method's objective, schedule and the maps it reads: a UNet's resolutions,
+    an MMDiT's joint blocks and map kind (`capture`, sepen.architecture.capturing)."""
 
     name: str
     objective: Objective
     schedule: Schedule
     resolutions: tuple[int, ...]
+    joint: tuple = (None, "joint")  # (finetune.blocks, joint maps)
+
+    @property
+    def capture(self) -> dict:
+        blocks, maps = self.joint
+        return {"resolutions": list(self.resolutions), "blocks": blocks, "joint_maps": maps}
 
     @classmethod
     def from_config(cls, name: str, config: dict) -> GuidanceMethod:
         ev, steps = config["evaluation"], config["sampling"]["steps"]
         if name == "attend_excite":
-            cfg = ev["attend_excite"]
+            cfg, ft = ev["attend_excite"], config["finetune"]
             objective: Objective = attend_excite_loss
             resolutions: tuple[int, ...] = (cfg["attention_res"],)
+            maps = "joint"  # A&E renormalises over the text tokens itself
         elif name == "sepen_test_time":
             cfg, ft = ev["sepen_test_time"], config["finetune"]
             objective = SepenTestTime(
@@ -89,6 +101,7 @@ class GuidanceMethod:
                 ft["enhance_kernel"],
             )
             resolutions = tuple(cfg["resolutions"] or ft["resolutions"])
+            maps = ft["joint_maps"]
         else:
             raise SepenError(f"{name!r} is not a test-time method: use one of {METHODS}")
         update_steps, thresholds = attend_excite_schedule(cfg, steps)
@@ -99,7 +112,8 @@ class GuidanceMethod:
             )
         except SepenError as err:
             raise SepenError(f"{where}: {err}") from None
-        return cls(name, objective, schedule, resolutions)
+        blocks = None if ft["blocks"] is None else tuple(ft["blocks"])
+        return cls(name, objective, schedule, resolutions, (blocks, maps))
 
     def positions(self, pipe, entries: Sequence[dict]) -> list[list[list[int]]]:
         """Each entry's concept token positions; a prompt with fewer than two concepts, or a
@@ -111,13 +125,14 @@ class GuidanceMethod:
                     f"{self.name} needs a prompt with two or more concepts; {entry['prompt']!r} "
                     f"has {entry['concepts']}: name its objects (or sample it with base)"
                 )
-            out.append(concept_token_positions(pipe.tokenizer, entry["prompt"], entry["concepts"]))
+            out.append(text_positions(pipe, entry["prompt"], entry["concepts"]))
         return out
 
     def check(self, pipe) -> None:
-        """Fail before sampling if the pipeline has no maps at the method's resolutions."""
+        """Fail before sampling if the pipeline has no maps where the method reads them."""
+        check_supported(pipe)
         key = "attention_res" if self.name == "attend_excite" else "resolutions"
-        check_capture(pipe, self.resolutions, f"evaluation.{self.name}.{key}")
+        check_capture(pipe, self.capture, f"evaluation.{self.name}.{key}")
 
     def sample(self, pipe, entries, positions, seeds, guidance_scale, **kwargs):
         """Images of `entries` (plan prompt entries), image i seeded by seeds[i]."""
@@ -128,7 +143,7 @@ class GuidanceMethod:
             seeds,
             self.objective,
             self.schedule,
-            self.resolutions,
+            self.capture,
             guidance_scale,
             **kwargs,
         )

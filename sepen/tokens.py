@@ -26,13 +26,16 @@ def _concept_pattern(concept: str) -> re.Pattern[str]:
     return re.compile(rf"(?<!\w){body}(?!\w)", re.IGNORECASE)
 
 
-def concept_token_positions(tokenizer, prompt: str, concepts: Sequence[str]) -> list[list[int]]:
-    """Positions (in the tokenized prompt, start token = 0) of every sub-token of each concept.
+def concept_token_positions(
+    tokenizer, prompt: str, concepts: Sequence[str], max_length: int | None = None
+) -> list[list[int]]:
+    """Positions (in the tokenized prompt, counting its special tokens: CLIP's start token is
+    position 0, T5 has none) of every sub-token of each concept.
 
     A concept named twice in `concepts` takes successive mentions in the prompt. Longer concepts
     claim their text first, so "bear" next to "teddy bear" finds the standalone mention.
     Raises ConceptNotFoundError if a concept is not in the prompt or is cut off by the tokenizer's
-    maximum length.
+    maximum length (or `max_length`, the sequence length the pipeline encodes, e.g. T5's).
     """
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(
@@ -40,11 +43,17 @@ def concept_token_positions(tokenizer, prompt: str, concepts: Sequence[str]) -> 
             "use a fast (tokenizers-backed) tokenizer"
         )
     encoding = tokenizer(
-        prompt, add_special_tokens=True, return_offsets_mapping=True, verbose=False
+        prompt,
+        add_special_tokens=True,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+        verbose=False,
     )
     offsets = encoding["offset_mapping"]
-    max_length = tokenizer.model_max_length
-    # with truncation the last kept slot holds the end token
+    special = encoding["special_tokens_mask"]
+    max_length = max_length or tokenizer.model_max_length
+    # with truncation the last kept slot holds the end token (T5 and CLIP both end with one;
+    # CLIP also starts with one, which only makes this bound safe)
     last_kept = max_length - 2 if max_length and max_length < 10**6 else len(offsets) - 1
 
     claimed: list[tuple[int, int]] = []
@@ -73,7 +82,7 @@ def concept_token_positions(tokenizer, prompt: str, concepts: Sequence[str]) -> 
         found = [
             p
             for p, (a, b) in enumerate(offsets)
-            if b > a and a < end and b > start and p not in (0, len(offsets) - 1)
+            if b > a and a < end and b > start and not special[p]
         ]
         if not found:
             raise ConceptNotFoundError(

@@ -1,5 +1,7 @@
-"""Which parameters SepEn finetunes: cross-attention keys (default), keys and values, or a LoRA.
+"""Which parameters SepEn finetunes: the text keys (default), keys and values, or a LoRA.
 
+Text keys are the cross-attention `to_k` of a UNet and the joint blocks' `add_k_proj` of an
+MMDiT (sepen.architecture); only their weights train (biases stay frozen, so a LoRA is exact).
 Everything else is frozen (no gradient, bit-identical after training).
 """
 
@@ -9,18 +11,18 @@ from contextlib import contextmanager
 
 import torch
 
-from sepen.attention import cross_attention_factors
+from sepen.architecture import key_layers, projections
 
 MODES = ("to_k", "to_k+to_v", "lora")
 
 
 def trainable_layers(unet, captured: list[str], norm_loss: bool) -> list[str]:
-    """Cross-attention layers whose keys can change the loss, in forward order.
+    """Text-key layers whose keys can change the loss, in forward order.
 
     Without the norm loss only the attention maps enter the loss, so layers after the last
     captured one cannot affect it and are left frozen.
     """
-    layers = list(cross_attention_factors(unet))
+    layers = key_layers(unet)
     if norm_loss or not captured:
         return layers
     last = max(layers.index(name) for name in captured)
@@ -28,21 +30,21 @@ def trainable_layers(unet, captured: list[str], norm_loss: bool) -> list[str]:
 
 
 def value_layers(unet, captured: list[str], norm_loss: bool) -> list[str]:
-    """Cross-attention layers whose values can change the loss.
+    """Text-key layers whose values can change the loss.
 
     A layer's values reach the maps only through later layers, so without the norm loss the
     last captured layer's values (and everything after it) cannot affect the loss.
     """
-    layers = list(cross_attention_factors(unet))
+    layers = key_layers(unet)
     if norm_loss or not captured:
         return layers
     return layers[: max(layers.index(name) for name in captured)]
 
 
-def _projections(mode: str) -> tuple[str, ...]:
+def _projections(unet, mode: str) -> tuple[str, ...]:
     if mode not in MODES:
         raise ValueError(f"trainable {mode!r} is not one of {MODES}")
-    return ("to_k", "to_v") if mode == "to_k+to_v" else ("to_k",)
+    return projections(unet, mode)
 
 
 def prepare_trainable(
@@ -57,12 +59,12 @@ def prepare_trainable(
     With mode "to_k+to_v", values are trained in `values` (default: `layers`).
     Returns the trainable parameters by their name in `unet.named_parameters()`.
     """
-    projections = _projections(mode)
+    names = _projections(unet, mode)
     unet.requires_grad_(False)
     if mode == "lora":
         from peft import LoraConfig
 
-        targets = [f"{layer}.to_k" for layer in layers]
+        targets = [f"{layer}.{names[0]}" for layer in layers]
         unet.add_adapter(
             LoraConfig(
                 r=lora_rank, lora_alpha=lora_rank, target_modules=targets, init_lora_weights=True
@@ -76,8 +78,8 @@ def prepare_trainable(
     params = {}
     values = layers if values is None else values
     for layer in layers:
-        for proj in projections:
-            if proj == "to_v" and layer not in values:
+        for i, proj in enumerate(names):
+            if i == 1 and layer not in values:
                 continue
             name = f"{layer}.{proj}.weight"
             named[name].requires_grad_(True)

@@ -83,3 +83,42 @@ def tiny_toy_model(tmp_path_factory):
 def toy_setup(tmp_path, tiny_toy_model):
     """Config file, plan file and folders for a 2-prompt x 2-seed toy experiment."""
     return toy_experiment(tmp_path, tiny_toy_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_mmdit_models(tmp_path_factory):
+    """Tiny random SD3, SD3.5-style and FLUX.1 pipelines saved with save_pretrained, by kind."""
+    from sepen.models.tiny_mmdit import save_tiny_mmdit_pipeline
+
+    root = tmp_path_factory.mktemp("mmdit")
+    return {kind: save_tiny_mmdit_pipeline(root / kind, kind) for kind in ("sd3", "sd35", "flux")}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny open_clip model config (random weights) registered from a JSON file."""
+    import json
+
+    path = tmp_path_factory.mktemp("clip") / "sepen-tiny-clip.json"
+    path.write_text(
+        json.dumps(
+            {
+                "embed_dim": 32,
+                "vision_cfg": {
+                    "image_size": 32,
+                    "layers": 1,
+                    "width": 32,
+                    "head_width": 16,
+                    "patch_size": 16,
+                },
+                "text_cfg": {
+                    "context_length": 77,
+                    "vocab_size": 49408,
+                    "width": 32,
+                    "heads": 2,
+                    "layers": 1,
+                },
+            }
+        )
+    )
+    return str(path)

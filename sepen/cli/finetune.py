@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from sepen import checkpoints as protocol
+from sepen.architecture import check_capture, denoiser_of, text_positions
 from sepen.atomic import write_bytes
-from sepen.attention import captured_layers
 from sepen.command import add_deprecated, command_parser, run_step
 from sepen.config import load_config
 from sepen.delta import save_delta, unet_delta_tensors
@@ -107,8 +107,8 @@ def main(args: argparse.Namespace) -> Path:
 
     # everything that can be wrong with the input is checked before anything is written
     pipe = load_pipeline(config["model"]["pretrained"], config["model"]["revision"])
-    check_prompts(pipe.tokenizer, task)
-    captured_layers(pipe.unet, ft["resolutions"], latent_side(pipe, ft["image_size"]))
+    check_prompts(lambda prompt, names: text_positions(pipe, prompt, names), task)
+    check_capture(denoiser_of(pipe), ft, latent_side(pipe, ft["image_size"]))
 
     settings = run_settings(config)
     if own_prompts:
@@ -134,7 +134,8 @@ def main(args: argparse.Namespace) -> Path:
     t = prepare(config, task, pipe, accelerator)
     lr = ft["learning_rate"] * (t.sampler.per_step if ft["scale_lr"] else 1)
     optimizer = torch.optim.AdamW(t.params.values(), lr=lr, weight_decay=ft["weight_decay"])
-    objective = SepenObjective.from_settings(t.unet, t.store, ft, t.originals)
+    guidance = config["sampling"]["guidance_scale"]  # FLUX.1-dev's embedded guidance
+    objective = SepenObjective.from_settings(t.unet, t.store, ft, t.originals, guidance=guidance)
     objective, optimizer = accelerator.prepare(objective, optimizer)
     raw_unet = accelerator.unwrap_model(objective).unet
     register_checkpoint_hooks(accelerator, raw_unet)
@@ -166,6 +167,7 @@ def main(args: argparse.Namespace) -> Path:
             revision=config["model"]["revision"],
             trainable=ft["trainable"],
             config=config,
+            architecture=type(raw_unet).__name__,
             lora_scale=1.0 if ft["trainable"] == "lora" else None,
         )
         log.info("wrote %s", out)

@@ -7,7 +7,7 @@ import argparse
 
 from sepen.command import command_parser, config_from, run_step
 from sepen.errors import ModelNotAvailableError
-from sepen.models.required import check_all, fetch, problem, requirements
+from sepen.models.required import about, check_all, fetch, problem, requirements
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,8 @@ def main(args: argparse.Namespace) -> None:
     for req in requirements(config):
         why = problem(req)
         print(f"{'present' if why is None else 'MISSING'}  {req.label()}")
+        if about(req):
+            print(f"         {about(req)}")
         if why is not None:
             missing.append(req)
     if args.download:

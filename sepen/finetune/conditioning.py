@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from sepen.architecture import family, text_length
 from sepen.finetune.signal import Batch
 from sepen.models.loading import is_sdxl
 from sepen.objective import StepInputs
-from sepen.tokens import concept_token_positions, prompt_ids
+from sepen.tokens import prompt_ids
 
 
 def encode(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
@@ -18,10 +19,12 @@ def encode(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
 
 
 class Positions:
-    """Concept token positions of prompts, looked up once per (prompt, concepts)."""
+    """Concept token positions of prompts, looked up once per (prompt, concepts) with
+    `find(prompt, concepts)`: `sepen.architecture.text_positions` of a pipeline (every token
+    copy, e.g. SD3's CLIP and T5 positions) or `concept_token_positions` of one tokenizer."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, find):
+        self.find = find
         self.cache: dict = {}
 
     def __call__(self, prompts, concepts) -> list[list[list[int]]]:
@@ -29,7 +32,7 @@ class Positions:
         for prompt, names in zip(prompts, concepts):
             key = (prompt, tuple(names))
             if key not in self.cache:
-                self.cache[key] = concept_token_positions(self.tokenizer, prompt, names)
+                self.cache[key] = self.find(prompt, names)
             out.append(self.cache[key])
         return out
 
@@ -39,14 +42,15 @@ def step_inputs(
 ) -> StepInputs:
     """The objective's inputs from the drawn signal: noisy latents, timesteps, text conditioning.
 
-    `embed(prompts)` gives (text embeddings, added_cond_kwargs or None), `positions(prompts,
-    concepts)` token positions, `add_noise(latents, noise, timesteps)` the noisy latents (the
-    scheduler's add_noise).
+    `embed(prompts)` gives (text embeddings, extra conditioning or None), `positions(prompts,
+    concepts)` token positions, `add_noise(latents, noise, index)` the noisy latents and the
+    denoiser's timesteps (sepen.architecture.Noiser).
     """
 
     def tensors(b: Batch):
-        t = b.timesteps.to(device)
-        noisy = add_noise(b.latents.to(device), b.noise.to(device), t).to(dtype)
+        index = b.timesteps.to(device)
+        noisy, t = add_noise(b.latents.to(device), b.noise.to(device), index)
+        noisy = noisy.to(dtype)
         emb, added = embed(b.prompts)
         return (noisy, t, emb), added
 
@@ -64,12 +68,14 @@ def step_inputs(
 
 
 class TextEmbeddings:
-    """Frozen text conditioning of one batch of prompts: (embeddings, added_cond_kwargs).
+    """Frozen text conditioning of one batch of prompts: (embeddings, extra conditioning).
 
     Stable Diffusion 1.x/2.x: the text encoder's last hidden states, no added conditioning.
     SDXL: the pipeline's own `encode_prompt` (both encoders' penultimate hidden states side by
     side, the second's pooled projection) and the size/crop time ids of a square
-    `image_size` image without crop, as SDXL was trained.
+    `image_size` image without crop, as SDXL was trained. SD3/SD3.5 and FLUX.1: the pipeline's
+    own `encode_prompt` (SD3: CLIP and T5 hidden states in one sequence; FLUX.1: T5) and its
+    pooled projection, at the T5 length of `sepen.architecture.text_length`.
 
     A batch of one repeated prompt (pairs mode) reuses that prompt's conditioning, encoded
     alone once; any other batch is encoded as a whole. Either way a step's conditioning does
@@ -78,11 +84,14 @@ class TextEmbeddings:
 
     def __init__(self, pipe, device, image_size: int | None = None):
         self.pipe, self.device = pipe, device
+        self.kind = family(pipe)
         self.sdxl = is_sdxl(pipe)
         self.image_size = image_size
         self.cache: dict[str, tuple] = {}
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, dict | None]:
+        if self.kind != "unet":
+            return self.encode_mmdit(prompts)
         if not self.sdxl:
             return encode(self.pipe.tokenizer, self.pipe.text_encoder, prompts, self.device), None
         with torch.no_grad():
@@ -98,6 +107,24 @@ class TextEmbeddings:
             text_encoder_projection_dim=self.pipe.text_encoder_2.config.projection_dim,
         ).to(self.device)
         return emb, {"text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)}
+
+    def encode_mmdit(self, prompts: list[str]) -> tuple[torch.Tensor, dict]:
+        with torch.no_grad():
+            length = text_length(self.pipe)
+            if self.kind == "sd3":
+                emb, _, pooled, _ = self.pipe.encode_prompt(
+                    prompts,
+                    None,
+                    None,
+                    device=self.device,
+                    do_classifier_free_guidance=False,
+                    max_sequence_length=length,
+                )
+            else:
+                emb, pooled, _ = self.pipe.encode_prompt(
+                    prompts, None, device=self.device, max_sequence_length=length
+                )
+        return emb, {"pooled_projections": pooled}
 
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, dict | None]:
         if len(set(prompts)) > 1:

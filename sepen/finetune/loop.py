@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sepen.attention import install_capture
+from sepen.architecture import Noiser, denoiser_of, install, latent_channels, text_positions
 from sepen.errors import SepenError
 from sepen.finetune.conditioning import Positions, TextEmbeddings, step_inputs
 from sepen.finetune.signal import SignalSampler, Task, base_sample_pool
@@ -31,7 +31,7 @@ class Training:
     store: object
     params: dict
     sampler: SignalSampler
-    noise_scheduler: object
+    noiser: Noiser
     weight_dtype: torch.dtype
     originals: dict | None
 
@@ -43,22 +43,20 @@ def latent_side(pipe, image_size: int) -> int:
 
 def prepare(config: dict, task: Task, pipe, accelerator) -> Training:
     """Trainable keys, the capture, the training signal (and its base-sample pool)."""
-    from diffusers import DDPMScheduler
-
     ft = task.ft
     device = accelerator.device
-    text_encoder, unet = pipe.text_encoder, pipe.unet
+    unet = denoiser_of(pipe)  # a UNet, or an MMDiT transformer
     side = latent_side(pipe, ft["image_size"])
-    store = install_capture(unet, ft["resolutions"], side)
+    store = install(unet, ft, side)
     layers = trainable_layers(unet, store.captured, task.norm_loss)
     torch.manual_seed(ft["seed"])  # LoRA initialisation
     values = value_layers(unet, store.captured, task.norm_loss)
     params = prepare_trainable(unet, layers, ft["trainable"], ft["lora_rank"], values)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    noiser = Noiser(pipe)
     sampler = SignalSampler(
         task,
-        (unet.config.in_channels, side, side),
-        noise_scheduler.config.num_train_timesteps,
+        (latent_channels(pipe), side, side),
+        noiser.num_timesteps,
         pipe.vae.config.scaling_factor if ft["signal_scale"] is None else ft["signal_scale"],
         accelerator.num_processes,
     )
@@ -82,7 +80,8 @@ def prepare(config: dict, task: Task, pipe, accelerator) -> Training:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         ft["mixed_precision"], torch.float32
     )
-    for encoder in (text_encoder, getattr(pipe, "text_encoder_2", None)):
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        encoder = getattr(pipe, name, None)
         if encoder is not None:
             encoder.requires_grad_(False).to(device, weight_dtype)
     unet.to(device)
@@ -93,6 +92,8 @@ def prepare(config: dict, task: Task, pipe, accelerator) -> Training:
     originals = (
         None if ft["trainable"] == "lora" else {n: p.detach().clone() for n, p in params.items()}
     )
+    if config["performance"]["gradient_checkpointing"]:
+        unet.enable_gradient_checkpointing()
     if config["performance"]["channels_last"]:
         unet.to(memory_format=torch.channels_last)
     if config["performance"]["compile"]:
@@ -103,7 +104,7 @@ def prepare(config: dict, task: Task, pipe, accelerator) -> Training:
         store,
         params,
         sampler,
-        noise_scheduler,
+        noiser,
         weight_dtype,
         originals,
     )
@@ -135,7 +136,7 @@ def train(
         mininterval=5,
     )
     embed = TextEmbeddings(t.pipe, device, ft["image_size"])
-    positions = Positions(t.pipe.tokenizer)
+    positions = Positions(lambda prompt, names: text_positions(t.pipe, prompt, names))
     for step in progress:
         done = step + 1
         totals = {"loss": 0.0, "separate": 0.0, "enhance": 0.0, "norm": 0.0}
@@ -147,7 +148,7 @@ def train(
                     single,
                     embed,
                     positions,
-                    t.noise_scheduler.add_noise,
+                    t.noiser,
                     device,
                     t.weight_dtype,
                 )

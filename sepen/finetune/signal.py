@@ -15,7 +15,6 @@ import torch
 
 from sepen.errors import SepenError
 from sepen.sampling import sample
-from sepen.tokens import concept_token_positions
 
 
 def uses_norm_loss(ft: dict) -> bool:
@@ -174,13 +173,16 @@ def _slice(b: Batch, lo: int, hi: int) -> Batch:
     )
 
 
-def check_prompts(tokenizer, task: Task) -> None:
-    """Fail before any model work if a concept cannot be found in its prompts."""
+def check_prompts(find, task: Task) -> None:
+    """Fail before any model work if a concept cannot be found in its prompts.
+
+    `find(prompt, concepts)` looks up the positions (`sepen.architecture.text_positions` of the
+    pipeline: every tokenizer whose tokens the denoiser sees)."""
     ft = task.ft
     concepts, templates = ft["concepts"], ft["templates"]
     if ft["mode"] == "pairs":
         for prompt in task.prompts or [_format(templates[0], concepts)]:
-            concept_token_positions(tokenizer, prompt, concepts)
+            find(prompt, concepts)
         return
     if len(set(concepts)) < 2:
         raise SepenError(f"joint mode needs two or more distinct concepts; got {concepts}")
@@ -188,6 +190,6 @@ def check_prompts(tokenizer, task: Task) -> None:
     for c in concepts:
         for t in templates:
             for pair in ([c, partner[c]], [partner[c], c]):
-                concept_token_positions(tokenizer, _format(t, pair), pair)
+                find(_format(t, pair), pair)
         if task.norm_loss:
-            concept_token_positions(tokenizer, _format(ft["single_template"], [c]), [c])
+            find(_format(ft["single_template"], [c]), [c])

@@ -1,4 +1,5 @@
-"""Load Stable Diffusion 1.x/2.x pipelines by hub id or local folder, with clear offline errors."""
+"""Load Stable Diffusion 1.x/2.x/XL/3/3.5 and FLUX.1 pipelines by hub id or local folder, with
+clear offline errors."""
 
 from __future__ import annotations
 
@@ -80,31 +81,59 @@ def _loaded(model: str, revision: str | None, load):
         raise ModelNotAvailableError(f"model folder {source!r} could not be loaded: {err}") from err
 
 
-PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusion3Pipeline",
+    "FluxPipeline",
+)
+# the denoiser's folder and class in each pipeline
+DENOISERS = {
+    "StableDiffusionPipeline": ("unet", "UNet2DConditionModel"),
+    "StableDiffusionXLPipeline": ("unet", "UNet2DConditionModel"),
+    "StableDiffusion3Pipeline": ("transformer", "SD3Transformer2DModel"),
+    "FluxPipeline": ("transformer", "FluxTransformer2DModel"),
+}
 
 
-def pipeline_class(source: str, revision: str | None = None) -> str:
-    """The pipeline class a folder or (cached) hub model names in its model_index.json."""
+def model_index(source: str, revision: str | None = None) -> dict:
+    """A folder's or (cached) hub model's model_index.json."""
     import json
 
     from diffusers import DiffusionPipeline
 
     local = Path(source)
     if local.is_dir():
-        name = json.loads((local / "model_index.json").read_text()).get("_class_name", "")
-    else:
-        name = DiffusionPipeline.load_config(source, revision=revision).get("_class_name", "")
+        return json.loads((local / "model_index.json").read_text())
+    return dict(DiffusionPipeline.load_config(source, revision=revision))
+
+
+def absent_components(index: dict) -> dict:
+    """SD3's optional T5 (`text_encoder_3`, `tokenizer_3`) as None when a model has none (the
+    toy MMDiT; SD3 saved without T5), which diffusers otherwise asks for."""
+    if index.get("_class_name") != "StableDiffusion3Pipeline":
+        return {}
+    names = ("text_encoder_3", "tokenizer_3")
+    return {n: None for n in names if index.get(n) in (None, [None, None])}
+
+
+def pipeline_class(source: str, revision: str | None = None) -> str:
+    """The pipeline class a folder or (cached) hub model names in its model_index.json."""
+    name = model_index(source, revision).get("_class_name", "")
     if name not in PIPELINES:
         raise ModelNotAvailableError(
             f"model {source!r} is a {name or 'unknown'} pipeline; sepen works with "
-            f"{' and '.join(PIPELINES)} (Stable Diffusion 1.x, 2.x and XL)"
+            f"{', '.join(PIPELINES)} (Stable Diffusion 1.x, 2.x, XL, 3/3.5 and FLUX.1)"
         )
     return name
 
 
 def is_sdxl(pipe) -> bool:
-    """Whether a pipeline is Stable Diffusion XL (two text encoders, size conditioning)."""
-    return getattr(pipe, "text_encoder_2", None) is not None
+    """Whether a pipeline is Stable Diffusion XL (a UNet, two text encoders, size conditioning)."""
+    return (
+        getattr(pipe, "unet", None) is not None
+        and getattr(pipe, "text_encoder_2", None) is not None
+    )
 
 
 def load_pipeline(
@@ -113,8 +142,8 @@ def load_pipeline(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
 ):
-    """A diffusers `StableDiffusionPipeline` (safety checker off) or
-    `StableDiffusionXLPipeline` (watermark off) on `device` in `dtype`.
+    """A diffusers `StableDiffusionPipeline` (safety checker off), `StableDiffusionXLPipeline`
+    (watermark off), `StableDiffusion3Pipeline` or `FluxPipeline` on `device` in `dtype`.
 
     `model` is a hub id ("CompVis/stable-diffusion-v1-4") or a folder saved with
     `save_pretrained`. Raises ModelNotAvailableError naming the model and how to provide it.
@@ -124,9 +153,10 @@ def load_pipeline(
     def load(source):
         name = pipeline_class(source, revision)
         options = {"revision": revision, "dtype": resolve_dtype(dtype)}
+        options.update(absent_components(model_index(source, revision)))
         if name == "StableDiffusionPipeline":
             options.update(safety_checker=None, requires_safety_checker=False)
-        else:
+        elif name == "StableDiffusionXLPipeline":
             options.update(add_watermarker=False)
         return getattr(diffusers, name).from_pretrained(source, **options)
 
@@ -136,13 +166,12 @@ def load_pipeline(
 
 
 def load_unet(model: str | Path, revision: str | None = None):
-    """Only the UNet of a pipeline (float32, CPU), with the same errors as `load_pipeline`."""
-    from diffusers import UNet2DConditionModel
+    """Only the denoiser of a pipeline (its UNet or MMDiT transformer; float32, CPU), with the
+    same errors as `load_pipeline`."""
+    import diffusers
 
-    return _loaded(
-        str(model),
-        revision,
-        lambda source: UNet2DConditionModel.from_pretrained(
-            source, subfolder="unet", revision=revision
-        ),
-    )
+    def load(source):
+        folder, cls = DENOISERS[pipeline_class(source, revision)]
+        return getattr(diffusers, cls).from_pretrained(source, subfolder=folder, revision=revision)
+
+    return _loaded(str(model), revision, load)

@@ -26,6 +26,31 @@ class Requirement:
         return f"{self.key} = {self.model}{rev} ({self.kind})"
 
 
+# What the base models of the paper's and the MMDiT configs are, and what fetching them needs
+ABOUT = {
+    "CompVis/stable-diffusion-v1-4": "SD 1.4: UNet, CLIP ViT-L/14 (about 4 GB in float32)",
+    "stabilityai/stable-diffusion-2-1": "SD 2.1: UNet, OpenCLIP ViT-H/14, 768 px",
+    "stabilityai/stable-diffusion-xl-base-1.0": "SDXL base: UNet, two CLIP encoders, 1024 px",
+    "stabilityai/stable-diffusion-3.5-medium": (
+        "SD3.5 Medium: MMDiT (24 joint blocks), two CLIP encoders and T5-XXL; gated - accept "
+        "its licence on the hub and log in (`huggingface-cli login`) before --download"
+    ),
+    "stabilityai/stable-diffusion-3.5-large": (
+        "SD3.5 Large: MMDiT (38 joint blocks), two CLIP encoders and T5-XXL; gated - accept "
+        "its licence on the hub and log in before --download"
+    ),
+    "black-forest-labs/FLUX.1-dev": (
+        "FLUX.1 [dev]: MMDiT (19 double-stream + 38 single-stream blocks), CLIP and T5-XXL, "
+        "about 34 GB; gated - accept its licence on the hub and log in before --download"
+    ),
+}
+
+
+def about(req: Requirement) -> str | None:
+    """A line on what a known base model is and what fetching it needs (None if unknown)."""
+    return ABOUT.get(req.model) if req.kind == "pipeline" else None
+
+
 def requirements(config: dict) -> list[Requirement]:
     """The models `config` needs, in the order the workflow first loads them."""
     ev = config["evaluation"]

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from sepen.architecture import text_positions
 from sepen.models import load_pipeline
 from sepen.pipelines import DeltaSwitcher, delta_for, device_and_dtype
 from sepen.plan import attention_prompts
 from sepen.sampling import sample_with_maps
-from sepen.tokens import concept_token_positions
 
 
 def averaged_token_maps(
@@ -30,7 +30,7 @@ def averaged_token_maps(
     Maps are the conditional half of the guidance batch, heads averaged, at the largest
     captured resolution; returns (image (h, w, 3) in [0, 1], maps (N, h, w) each summing to 1).
     """
-    positions = concept_token_positions(pipe.tokenizer, prompt, concepts)
+    positions = text_positions(pipe, prompt, concepts)
     images, maps = sample_with_maps(
         pipe, [prompt], [positions], [seed], steps, guidance, resolutions, 1, how
     )

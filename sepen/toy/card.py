@@ -10,8 +10,10 @@ that no reported number uses (`toy.card.seed` onwards; the seed ranges: sepen.to
   cross-attention layer; how often does each object land on its steered side, against the
   same seeds unsteered;
 - per held-out pair, the cosine similarity of the two object tokens' keys (mean over the
-  cross-attention layers) and the overlap (soft IoU) of their step-averaged attention maps, and
-  how well each predicts the pair's failure rate (Spearman's rank correlation);
+  cross-attention layers; an MMDiT's joint blocks, recorded while the map images are drawn:
+  its text keys depend on the timestep and the image) and the overlap (soft IoU) of their
+  step-averaged attention maps, and how well each predicts the pair's failure rate
+  (Spearman's rank correlation);
 - Attend-and-Excite at a grid of step sizes on the held-out pairs (the chosen step size is the
   one the evaluation should use);
 - the world's acceptance criteria, each with its value.
@@ -23,17 +25,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import numpy as np
 
+from sepen.architecture import denoiser_of, text_positions
+from sepen.joint_attention import is_joint
 from sepen.models import load_pipeline
 from sepen.sampling import sample_with_maps
 from sepen.stats import bootstrap_ci, paired_difference
 from sepen.test_time import GuidanceMethod
-from sepen.tokens import concept_token_positions
 from sepen.toy.detect import FAILURES, object_outcome, regions
 from sepen.toy.evaluate import generate, image_scores, prompt_kinds, rates, to_uint8
-from sepen.toy.geometry import key_cosine, soft_iou, spearman
+from sepen.toy.geometry import key_cosine, recorded_key_cosine, soft_iou, spearman
 from sepen.toy.seeds import seed_range
 from sepen.toy.steering import steered, steering_bias, steering_counts
 from sepen.toy.world import prepare_world, prompt_for
@@ -123,13 +127,13 @@ def card(config: dict, model: str, progress: bool = True) -> dict:
     steering = []
     for pair in held:
         prompt = prompt_for(pair)
-        pos = concept_token_positions(pipe.tokenizer, prompt, pair)
+        pos = text_positions(pipe, prompt, pair)
         plain = draw([pair], None, steer_seeds)
 
         def bias(side, tokens, pos=pos):
             return steering_bias(side, tokens, pos[0], pos[1], b)
 
-        with steered(pipe.unet, bias):
+        with steered(denoiser_of(pipe), bias):
             moved = draw([pair], None, steer_seeds)
         steering.append(
             {
@@ -161,24 +165,27 @@ def card(config: dict, model: str, progress: bool = True) -> dict:
     rows = []
     for i, pair in enumerate(held):
         prompt = prompt_for(pair)
-        pos = concept_token_positions(pipe.tokenizer, prompt, pair)
+        pos = text_positions(pipe, prompt, pair)
         map_seeds = seeds[: cc["map_images"]]
-        _, maps = sample_with_maps(
-            pipe,
-            [prompt] * len(map_seeds),
-            [pos] * len(map_seeds),
-            map_seeds,
-            sp["steps"],
-            sp["guidance_scale"],
-            config["finetune"]["resolutions"],
-            sp["batch_size"],
-            config["finetune"]["token_aggregation"],
-        )
+        model, keys = denoiser_of(pipe), []
+        recording = recorded_key_cosine(model, pos, keys) if is_joint(model) else nullcontext()
+        with recording:
+            _, maps = sample_with_maps(
+                pipe,
+                [prompt] * len(map_seeds),
+                [pos] * len(map_seeds),
+                map_seeds,
+                sp["steps"],
+                sp["guidance_scale"],
+                config["finetune"],
+                sp["batch_size"],
+                config["finetune"]["token_aggregation"],
+            )
         fails = 1.0 - np.mean(_success(rows_by_kind["held_out_pairs"][i * n : (i + 1) * n]))
         rows.append(
             {
                 "pair": _pair_key(pair),
-                "key_cosine": key_cosine(pipe, prompt, pos),
+                "key_cosine": float(np.mean(keys)) if keys else key_cosine(pipe, prompt, pos),
                 "map_iou": float(np.mean([soft_iou(m[0], m[1]) for m in maps])),
                 "failure_rate": float(fails),
             }

@@ -21,7 +21,12 @@ from sepen import checkpoints as protocol
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
-PARTS = ("vae", "unet", "text_encoder")
+PARTS = ("vae", "unet", "transformer", "text_encoder", "text_encoder_2")
+
+
+def _parts(pipe) -> list[str]:
+    """The trained parts a pipeline has (world v3: vae, unet, text_encoder)."""
+    return [part for part in PARTS if getattr(pipe, part, None) is not None]
 
 
 def checkpoint_problem(folder: Path) -> str | None:
@@ -95,7 +100,7 @@ def save_checkpoint(state_dir: Path, step: int, pipe, opt, sched, rng, g, extra:
     tmp.mkdir()
     weights = {
         f"{part}.{k}": v.detach().contiguous()
-        for part in PARTS
+        for part in _parts(pipe)
         for k, v in getattr(pipe, part).state_dict().items()
     }
     save_file(weights, str(tmp / WEIGHTS))
@@ -119,7 +124,7 @@ def load_weights(folder: Path, pipe) -> None:
     from safetensors.torch import load_file
 
     weights = load_file(str(Path(folder) / WEIGHTS))
-    for part in PARTS:
+    for part in _parts(pipe):
         prefix = f"{part}."
         own = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
         getattr(pipe, part).load_state_dict(own, strict=True)

@@ -1,14 +1,20 @@
 """The geometry of object tokens: how alike two tokens' keys are (cosine, averaged over the
 cross-attention layers), how much their attention maps overlap (soft IoU), and how well such
-a value predicts failure (Spearman's rank correlation)."""
+a value predicts failure (Spearman's rank correlation).
+
+A UNet's text keys depend on the prompt alone. An MMDiT's depend on the timestep and, after the
+first block, on the image (the text stream is modulated and updated in every joint block), so
+they are recorded while the images are drawn (`recorded_key_cosine`)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from sepen.joint_attention import joint_layers
 from sepen.tokens import prompt_ids
 
 
@@ -35,6 +41,28 @@ def key_cosine(pipe, prompt: str, positions) -> float:
                 a, b = (keys[list(p)].mean(0) for p in positions[:2])
                 values.append(cosine(a, b))
     return float(np.mean(values))
+
+
+@contextlib.contextmanager
+def recorded_key_cosine(model, positions, found: list):
+    """Context: while the denoiser runs, append to `found` the cosine similarity of the first
+    two concepts' text keys (sub-tokens averaged) of the conditional half's images, per joint
+    block and call (forward hooks on the joint blocks' `add_k_proj`)."""
+    modules = dict(model.named_modules())
+
+    def hook(module, inputs, keys):
+        for k in keys[keys.shape[0] // 2 :].detach().float():
+            a, b = (k[list(p)].mean(0) for p in positions[:2])
+            found.append(cosine(a, b))
+
+    handles = [
+        modules[f"{name}.add_k_proj"].register_forward_hook(hook) for name in joint_layers(model)
+    ]
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:

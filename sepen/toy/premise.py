@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from sepen.architecture import text_positions
 from sepen.losses import enhance_loss, separate_loss
 from sepen.models import load_pipeline
 from sepen.pipelines import DeltaSwitcher, prompts_by_delta
 from sepen.sampling import sample_with_maps
 from sepen.stats import auc_ci, bootstrap_ci
-from sepen.tokens import concept_token_positions
 from sepen.toy.detect import regions, score_regions
 from sepen.toy.evaluate import to_uint8
 from sepen.toy.grounding import cell_fractions
@@ -117,7 +117,7 @@ def measure(pipe, plan: dict, prompt_ids: Sequence[str], seeds, config: dict) ->
     items = [(pid, s) for pid in prompt_ids for s in seeds]
     prompts = [plan["prompts"][pid]["prompt"] for pid, _ in items]
     named = [plan["prompts"][pid]["concepts"] for pid, _ in items]
-    positions = [concept_token_positions(pipe.tokenizer, p, c) for p, c in zip(prompts, named)]
+    positions = [text_positions(pipe, p, c) for p, c in zip(prompts, named)]
     images, maps = sample_with_maps(
         pipe,
         prompts,
@@ -125,7 +125,7 @@ def measure(pipe, plan: dict, prompt_ids: Sequence[str], seeds, config: dict) ->
         [s for _, s in items],
         sp["steps"],
         sp["guidance_scale"],
-        ft["resolutions"],
+        ft,
         sp["batch_size"],
         ft["token_aggregation"],
         desc="premise",

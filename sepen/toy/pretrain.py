@@ -1,7 +1,8 @@
 """Training of the toy world's base text-to-image model from scratch (`sepen toy pretrain`).
 
-First a one-level autoencoder (latents at pixel resolution), then the UNet and the text encoder
-jointly, with empty prompts for classifier-free guidance. Deterministic for a seed on CPU.
+First a one-level autoencoder (latents at pixel resolution), then the denoiser (world v3's UNet,
+or the toy MMDiT's joint transformer, sepen.toy.mmdit) and the text encoder(s) jointly, with
+empty prompts for classifier-free guidance. Deterministic for a seed on CPU.
 Ends with validation numbers from the exact detector: single objects, trained pairs and
 held-out pairs.
 """
@@ -22,12 +23,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sepen.architecture import denoiser_of
 from sepen.attention import install_capture
 from sepen.errors import SepenError
+from sepen.joint_attention import install_joint_capture, is_joint, restore_processors
 from sepen.tokens import concept_token_positions, prompt_ids
 from sepen.toy import checkpoints as ck
 from sepen.toy.evaluate import generate, prompt_kinds, score
 from sepen.toy.grounding import grounded, grounding_labels, grounding_loss
+from sepen.toy.mmdit import build_toy_mmdit_pipeline, flow_loss
 from sepen.toy.model import build_toy_pipeline
 from sepen.toy.seeds import VALIDATION_SEED
 from sepen.toy.world import prepare_world, prompt_for, scene_batch
@@ -86,7 +90,12 @@ class Run:
 
     def __init__(self, pipe, pre: dict, rng: np.random.Generator):
         self.pipe, self.pre, self.rng = pipe, pre, rng
-        self.params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
+        self.params = [
+            p
+            for name in ("unet", "transformer", "text_encoder", "text_encoder_2")
+            if getattr(pipe, name, None) is not None
+            for p in getattr(pipe, name).parameters()
+        ]
         self.opt = torch.optim.AdamW(self.params, lr=pre["learning_rate"], weight_decay=0.01)
         steps, warm = pre["steps"], pre["warmup_steps"]
 
@@ -100,20 +109,51 @@ class Run:
         self.step, self.losses, self.seconds, self.recon = 0, [], 0.0, None
 
 
+def build_model(m: dict, seed: int):
+    """An untrained toy pipeline of `toy.model.architecture`."""
+    if m["architecture"] == "mmdit":
+        return build_toy_mmdit_pipeline(m, seed=seed)
+    return build_toy_pipeline(m, seed=seed)
+
+
+def _encoders(pipe) -> list:
+    return [getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None)]
+
+
+def _grounding_capture(model, pre: dict):
+    """World v3: the UNet's cross-attention at `grounding_resolutions`; the toy MMDiT: every
+    joint block's image->text maps renormalised over the text (start token not detached)."""
+    if is_joint(model):
+        return install_joint_capture(model, None, None, "text", detach_start_token=False)
+    side = model.config.sample_size
+    return install_capture(model, pre["grounding_resolutions"], side, detach_start_token=False)
+
+
+def _unet_loss(pipe, z, prompts, g) -> torch.Tensor:
+    scheduler = pipe.scheduler
+    noise = torch.randn(z.shape, generator=g)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z),), generator=g)
+    noisy = scheduler.add_noise(z, noise, t)
+    v_prediction = scheduler.config.prediction_type == "v_prediction"
+    target = scheduler.get_velocity(z, noise, t) if v_prediction else noise
+    ids = prompt_ids(pipe.tokenizer, prompts)
+    return F.mse_loss(pipe.unet(noisy, t, pipe.text_encoder(ids)[0]).sample, target)
+
+
 def train_denoiser(run: Run, toy: dict, until: int, progress: bool, save=None) -> list[float]:
     """Train from `run.step` to step `until`; `save(step)` at every checkpointing step."""
     pipe, pre, rng, g = run.pipe, run.pre, run.rng, run.g
-    unet, text_encoder, tokenizer, vae = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae
-    scheduler = pipe.scheduler
-    unet.train()
-    text_encoder.train()
+    model, tokenizer, vae = denoiser_of(pipe), pipe.tokenizer, pipe.vae
+    joint = is_joint(model)
+    model.train()
+    for encoder in _encoders(pipe):
+        encoder.train()
     losses = run.losses
     bar = _progress(until, "pretrain", progress, start=run.step)
     store, weight = None, pre["grounding"]
     if weight > 0:  # attention grounding (TokenCompose-style): each object's cells attend its token
-        side = unet.config.sample_size
-        processors = dict(unet.attn_processors)
-        store = install_capture(unet, pre["grounding_resolutions"], side, detach_start_token=False)
+        processors = None if joint else dict(model.attn_processors)
+        store = _grounding_capture(model, pre)
     for step in bar:
         images, prompts, named, layouts = scene_batch(
             rng,
@@ -128,19 +168,9 @@ def train_denoiser(run: Run, toy: dict, until: int, progress: bool, save=None) -
         prompts = ["" if d else p for p, d in zip(prompts, drop)]
         with torch.no_grad():
             z = vae.encode(to_tensor(images)).latent_dist.mean * vae.config.scaling_factor
-        noise = torch.randn(z.shape, generator=g)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z),), generator=g)
-        noisy = scheduler.add_noise(z, noise, t)
-        target = (
-            scheduler.get_velocity(z, noise, t)
-            if (scheduler.config.prediction_type == "v_prediction")
-            else noise
-        )
-        ids = prompt_ids(tokenizer, prompts)
         if store is not None:
             store.reset()
-        pred = unet(noisy, t, text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, target)
+        loss = flow_loss(pipe, z, prompts, g) if joint else _unet_loss(pipe, z, prompts, g)
         if store is not None:
             keep = [
                 not p or grounded(c, objs, pre["grounding_images"])
@@ -170,9 +200,13 @@ def train_denoiser(run: Run, toy: dict, until: int, progress: bool, save=None) -
         if save is not None and (run.step % pre["checkpointing_steps"] == 0 or run.step == until):
             save(run.step)
     if store is not None:  # the processors it had before the capture
-        unet.set_attn_processor(processors)
-    unet.eval().requires_grad_(False)
-    text_encoder.eval().requires_grad_(False)
+        if joint:
+            restore_processors(model, store)
+        else:
+            model.set_attn_processor(processors)
+    model.eval().requires_grad_(False)
+    for encoder in _encoders(pipe):
+        encoder.eval().requires_grad_(False)
     return losses
 
 
@@ -202,6 +236,10 @@ def world_settings(toy: dict) -> dict:
     out = {k: toy[k] for k in keep}
     if toy.get("one_name_fraction"):  # (absent from the models made before it existed)
         out["one_name_fraction"] = toy["one_name_fraction"]
+    if out["model"].get("architecture", "unet") == "unet":  # likewise: world v3's settings
+        out["model"] = {
+            k: v for k, v in out["model"].items() if k not in ("architecture", "layers", "head_dim")
+        }
     run_only = ("run", "checkpointing_steps", "checkpoints_total_limit")
     out["pretrain"] = {k: v for k, v in toy["pretrain"].items() if k not in run_only}
     if out["pretrain"].get("grounding_images") == "all":  # likewise
@@ -276,7 +314,7 @@ def pretrain(
     started = time.perf_counter()
     torch.manual_seed(pre["seed"])
     rng = np.random.default_rng(pre["seed"])
-    pipe = build_toy_pipeline(toy["model"], seed=pre["seed"])
+    pipe = build_model(toy["model"], seed=pre["seed"])
     run = Run(pipe, pre, rng)
     if state_dir is not None:
         state_dir = Path(state_dir)
@@ -311,8 +349,9 @@ def pretrain(
     if run.step < stop:
         train_denoiser(run, toy, stop, progress, save)
     run.seconds += time.perf_counter() - started
-    pipe.unet.eval().requires_grad_(False)
-    pipe.text_encoder.eval().requires_grad_(False)
+    denoiser_of(pipe).eval().requires_grad_(False)
+    for encoder in _encoders(pipe):
+        encoder.eval().requires_grad_(False)
     if stop_after is not None and stop < until:
         log.info("stopped after step %d (--stop-after); the model is not written", stop)
         return None

@@ -1,7 +1,7 @@
 """The steering test of the world card: is the object tokens' attention causal? One object
 token's cross-attention logits get +b on the left half of the image and -b on the right (the
-other token the mirror), in every cross-attention layer; the exact detector then says on
-which side each object landed."""
+other token the mirror), in every cross-attention layer (an MMDiT: every joint block's
+image->text logits); the exact detector then says on which side each object landed."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from sepen.errors import SepenError
+from sepen.joint_attention import is_joint, restore_processors, steer_joint
 from sepen.toy.detect import regions
 
 
@@ -58,7 +59,15 @@ class SteeringProcessor:
 
 @contextlib.contextmanager
 def steered(unet, bias):
-    """Context: every cross-attention layer (attn2) steered by `bias`; processors restored."""
+    """Context: every cross-attention layer (attn2; an MMDiT's joint blocks) steered by
+    `bias`; processors restored."""
+    if is_joint(unet):
+        store = steer_joint(unet, bias)
+        try:
+            yield
+        finally:
+            restore_processors(unet, store)
+        return
     original = dict(unet.attn_processors)
     processors = {
         k: (SteeringProcessor(bias) if ".attn2." in k else v) for k, v in original.items()

@@ -33,9 +33,17 @@ def test_gpu_script_runs_at_tiny_size_on_cpu_and_reports_measured_ratios(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "cpu-tiny-finetune-sdxl.json",
         "cpu-tiny-finetune.json",
+        "cpu-tiny-mmdit-0.json",
+        "cpu-tiny-mmdit-1.json",
         "cpu-tiny-sampling.json",
         "cpu-tiny.txt",
     ]
+    for k, (arch, mode) in enumerate([("tiny-sd35", "pairs"), ("tiny-flux", "joint")]):
+        row = json.loads((tmp_path / f"cpu-tiny-mmdit-{k}.json").read_text())
+        assert (row["arch"], row["mode"], row["batch"]) == (arch, mode, 2)
+        assert row["step_seconds_median"] > 0 and row["peak_memory_gib"] is None
+        assert 0 < row["trainable_weights"] < row["total_weights"]
+        assert (row["loss"].get("norm", 0) > 0) == (mode == "joint")
     xl = json.loads((tmp_path / "cpu-tiny-finetune-sdxl.json").read_text())
     xl_rows = {(r["mode"], r["variant"]): r for r in xl["rows"]}
     assert xl["size"] == "sdxl-tiny" and set(xl_rows) == set(

@@ -61,34 +61,6 @@ def test_bootstrap_ci_on_known_data():
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A tiny open_clip model config (random weights) registered from a JSON file."""
-    path = tmp_path_factory.mktemp("clip") / "sepen-tiny-clip.json"
-    path.write_text(
-        json.dumps(
-            {
-                "embed_dim": 32,
-                "vision_cfg": {
-                    "image_size": 32,
-                    "layers": 1,
-                    "width": 32,
-                    "head_width": 16,
-                    "patch_size": 16,
-                },
-                "text_cfg": {
-                    "context_length": 77,
-                    "vocab_size": 49408,
-                    "width": 32,
-                    "heads": 2,
-                    "layers": 1,
-                },
-            }
-        )
-    )
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def tiny_blip(tmp_path_factory):
     """A tiny BLIP captioner with a small word-piece vocabulary, saved with save_pretrained."""
     from transformers import (

@@ -121,7 +121,7 @@ def test_no_update_schedule_is_the_pipelines_own_sampling(sd, xl):
             seeds,
             lambda maps, pos: (maps.sum((1, 2, 3, 4)), maps.sum((1, 2, 3, 4))),
             Schedule(steps=4, update_steps=0, scale_factor=20, thresholds={}),
-            [res],
+            {"resolutions": [res]},
             5.0,
         )
         theirs = sample(pipe, prompts, seeds, 4, 5.0, batch_size=2)

@@ -101,7 +101,8 @@ def test_key_swap_norm_loss_equals_a_frozen_copy_and_restores_the_keys(tiny_pipe
             p.add_(0.05 * torch.randn_like(p))
     trained = {n: p.detach().clone() for n, p in params.items()}
     x = _inputs(unet, single=True)
-    norm = SepenObjective(unet, store, originals=originals).norm(x.single).item()
+    objective = SepenObjective(unet, store, originals=originals)
+    norm = objective.norm(x.single, None, objective.frozen(x.single)).item()
     store.enabled = False
     with torch.no_grad():
         pred = unet(*x.single).sample

@@ -19,6 +19,13 @@ LAYERED = [
     "toy_v2",
     "test/smoke",
     "test/sdxl_smoke",
+    "sd35_pairs",
+    "sd35_joint",
+    "flux_pairs",
+    "flux_joint",
+    "toy_mmdit",
+    "test/sd3_smoke",
+    "test/flux_smoke",
 ]
 
 
