@@ -163,14 +163,16 @@ class JointCaptureProcessor:
                 else scores + mask.float()
             )
         probs = scores.softmax(-1)  # (B, heads, S, S), S = image + text
-        if self.text_first:
-            text = probs[:, :, n_text:, :n_text]
-        else:
-            text = probs[:, :, :length, length:]
+        rows, cols = (
+            (slice(n_text, None), slice(None, n_text))
+            if self.text_first
+            else (slice(None, length), slice(length, None))
+        )
         store = self.store
+        # renormalised over the text: the softmax of the text logits alone (the same values as
+        # dividing by the text's share, which can underflow to 0 in the joint softmax)
+        text = scores[:, :, rows, cols].softmax(-1) if store.text_only else probs[:, :, rows, cols]
         kept = text if store.columns is None else text.index_select(-1, store.columns)
-        if store.text_only:
-            kept = kept / text.sum(-1, keepdim=True)
         h, w = _grid(store.latent_size, self.factor, length)
         batch, heads = kept.shape[:2]
         store.record(self.name, kept.reshape(batch, heads, h, w, kept.shape[-1]))

@@ -122,11 +122,12 @@ def tiny_sdxl_unet_config(sample_size: int = 16, text_widths=(32, 32)) -> dict:
     )
 
 
-def _tiny_vae(sample_size: int):
-    """The tiny pipelines' 8x AutoencoderKL (random weights) for `sample_size` latents."""
+def _tiny_vae(sample_size: int, **extra):
+    """The tiny pipelines' 8x AutoencoderKL (random weights) for `sample_size` latents;
+    `extra` overrides its settings (the MMDiT pipelines' latent channels, shift and scale)."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
+    settings = dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -137,6 +138,8 @@ def _tiny_vae(sample_size: int):
         norm_num_groups=8,
         sample_size=sample_size * 8,
     )
+    settings.update(extra)
+    return AutoencoderKL(**settings)
 
 
 def _tiny_clip_config(tokenizer, width: int, **extra):

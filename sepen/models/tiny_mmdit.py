@@ -18,25 +18,16 @@ import torch
 
 from sepen.models.clip_tokenizer import build_clip_tokenizer
 from sepen.models.t5_tokenizer import build_t5_tokenizer
-from sepen.models.tiny import _tiny_clip_config
+from sepen.models.tiny import _tiny_clip_config, _tiny_vae
 
 T5_WIDTH = 32
 
 
-def _tiny_vae(sample_size: int, latent_channels: int, shift: float):
-    """An 8x AutoencoderKL with random weights and the MMDiT latent shift/scale."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
+def _mmdit_vae(sample_size: int, latent_channels: int, shift: float):
+    """The tiny 8x AutoencoderKL with the MMDiT latent shift and scale, no quant convs."""
+    return _tiny_vae(
+        sample_size,
         latent_channels=latent_channels,
-        norm_num_groups=8,
-        sample_size=sample_size * 8,
         scaling_factor=1.5,
         shift_factor=shift,
         use_quant_conv=False,
@@ -102,7 +93,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 16, sd35: bool = F
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=_tiny_vae(sample_size, 16, 0.06),
+        vae=_mmdit_vae(sample_size, 16, 0.06),
         text_encoder=clips[0],
         tokenizer=tokenizer,
         text_encoder_2=clips[1],
@@ -149,7 +140,7 @@ def build_tiny_flux_pipeline(seed: int = 0, sample_size: int = 16, guidance: boo
             base_image_seq_len=256,
             max_image_seq_len=4096,
         ),
-        vae=_tiny_vae(sample_size, 4, 0.1),
+        vae=_mmdit_vae(sample_size, 4, 0.1),
         text_encoder=CLIPTextModel(_tiny_clip_config(tokenizer, 16)),
         tokenizer=tokenizer,
         text_encoder_2=_tiny_t5(tokenizer_2),

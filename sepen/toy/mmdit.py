@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from sepen.tokens import prompt_ids
-from sepen.toy.model import build_tokenizer
+from sepen.toy.model import build_tokenizer, build_toy_vae
 
 SECOND_WIDTH = 16  # the small second CLIP encoder (SD3's pipeline calls two)
 
@@ -27,7 +27,6 @@ SECOND_WIDTH = 16  # the small second CLIP encoder (SD3's pipeline calls two)
 def build_toy_mmdit_pipeline(m: dict, seed: int = 0):
     """An untrained toy MMDiT pipeline from the `toy.model` config section."""
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -69,19 +68,7 @@ def build_toy_mmdit_pipeline(m: dict, seed: int = 0):
         pooled_projection_dim=width + SECOND_WIDTH,
         pos_embed_max_size=side // 2,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(m["vae_channels"], 2 * m["vae_channels"]),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=m["image_size"],
-        mid_block_add_attention=False,
-        shift_factor=0.0,
-    )
+    vae = build_toy_vae(m, shift_factor=0.0)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),

@@ -39,10 +39,31 @@ def build_tokenizer(concepts=None, max_length: int = 16) -> PreTrainedTokenizerF
     )
 
 
+def build_toy_vae(m: dict, **extra):
+    """The toy world's two-level autoencoder (32x32 images, 16x16x4 latents), untrained.
+
+    `extra`: further AutoencoderKL settings (the toy MMDiT's `shift_factor`)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(m["vae_channels"], 2 * m["vae_channels"]),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=m["image_size"],
+        mid_block_add_attention=False,
+        **extra,
+    )
+
+
 def build_toy_pipeline(cfg: dict, seed: int = 0):
     """An untrained toy pipeline from the `toy.model` config section."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     m = cfg
@@ -75,18 +96,7 @@ def build_toy_pipeline(cfg: dict, seed: int = 0):
         attention_head_dim=m["heads"],
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(m["vae_channels"], 2 * m["vae_channels"]),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=m["image_size"],
-        mid_block_add_attention=False,
-    )
+    vae = build_toy_vae(m)
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",

@@ -186,6 +186,12 @@ def train_denoiser(run: Run, toy: dict, until: int, progress: bool, save=None) -
             labels[~torch.tensor(keep)] = -1
             if (labels >= 0).any():
                 loss = loss + weight * grounding_loss(maps, labels)
+        if not torch.isfinite(loss):
+            raise SepenError(
+                f"pretraining diverged at step {step + 1}: the loss is {loss.item()}; resume "
+                f"from the last checkpoint (--resume latest, which holds finite weights) or "
+                f"lower toy.pretrain.learning_rate (now {pre['learning_rate']:g})"
+            )
         run.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(run.params, 1.0)

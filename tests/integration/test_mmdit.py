@@ -325,3 +325,40 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(tiny_mmdit_m
     for n in grads:
         torch.testing.assert_close(grads_checked[n], grads[n], rtol=1e-5, atol=1e-8)
     assert any(g.abs().sum() > 0 for g in grads.values())
+
+
+def test_test_time_guidance_on_flux_is_an_error_before_any_work(pipes):
+    from sepen.config import validate_config
+    from sepen.errors import SepenError
+    from sepen.test_time import GuidanceMethod
+
+    method = GuidanceMethod.from_config("attend_excite", validate_config({}))
+    with pytest.raises(SepenError, match="not available for FLUX.1.*evaluation.methods"):
+        method.check(pipes["flux"])
+    method.check(pipes["sd3"])  # SD3 has it
+
+
+def test_sepen_test_time_guides_sd3_on_both_token_copies(pipes):
+    from sepen.config import validate_config
+    from sepen.test_time import GuidanceMethod
+
+    config = validate_config(
+        {"sampling": {"steps": 3}, "evaluation": {"sepen_test_time": {"thresholds": {}}}}
+    )
+    method = GuidanceMethod.from_config("sepen_test_time", config)
+    pipe = pipes["sd3"]
+    entry = {"prompt": "a photo of a cat and a dog", "concepts": ["cat", "dog"]}
+    positions = method.positions(pipe, [entry])
+    assert positions[0][0][0] < 77 < positions[0][0][-1]  # the CLIP and the T5 copy
+    seen = []
+
+    def objective(maps, pos, inner=method.objective):
+        loss, shortfall = inner(maps, pos)
+        seen.append(float(loss.sum()))
+        return loss, shortfall
+
+    guided = type(method)(method.name, objective, method.schedule, (), method.joint)
+    stats = {}
+    images = guided.sample(pipe, [entry], positions, [0], 5.0, stats=stats)
+    assert images.shape == (1, 128, 128, 3) and stats["guided_passes"] == 1
+    assert len(seen) == 1 and seen[0] > 0
