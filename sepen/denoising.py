@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sepen.architecture import Denoiser, family, text_length
+from sepen.architecture import Denoiser, denoiser_of, family, text_length
 from sepen.errors import SepenError
 from sepen.models.loading import is_sdxl
 
@@ -84,7 +84,7 @@ def encode(pipe, prompts: Sequence[str], guidance_scale: float, height: int, wid
 
 def image_size(pipe) -> int:
     """The pipeline's default image side in pixels."""
-    model = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    model = denoiser_of(pipe)
     return model.config.sample_size * pipe.vae_scale_factor
 
 
@@ -94,7 +94,7 @@ def start(pipe, seeds: Sequence[int], steps: int, cond: Conditioning, size: int)
     scheduler = pipe.scheduler
     scheduler.set_timesteps(steps, device=device)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    model = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    model = denoiser_of(pipe)
     latents = pipe.prepare_latents(
         len(seeds), model.config.in_channels, size, size, cond.emb.dtype, device, generators
     )
@@ -114,14 +114,14 @@ def denoise_step(pipe, call: Denoiser, latents, t, cond: Conditioning, scale: fl
     model_in = torch.cat([latents] * 2) if cond.guidance else latents
     model_in = scale_input(pipe.scheduler, model_in, t)
     with torch.no_grad():
-        noise = call(model_in, _batched(call, t, len(model_in)), cond.emb, cond.added)
+        noise = call(model_in, batched(call, t, len(model_in)), cond.emb, cond.added)
     if cond.guidance:
         uncond, text = noise.chunk(2)
         noise = uncond + scale * (text - uncond)
     return pipe.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
 
 
-def _batched(call: Denoiser, t, n: int):
+def batched(call: Denoiser, t, n: int):
     """UNets take a scalar timestep; the MMDiTs one per image (as their pipelines expand it)."""
     return t if call.kind == "unet" else t.expand(n)
 

@@ -38,6 +38,7 @@ import torch
 from sepen.architecture import Denoiser, capturing, denoiser_of
 from sepen.attention import available_resolutions, run_until_captured
 from sepen.denoising import (
+    batched,
     check_supported,
     decode,
     denoise_step,
@@ -167,7 +168,7 @@ def guided_sample(
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
                 model_in = scale_input(scheduler, x, t)
-                t_in = t if call.kind == "unet" else t.expand(len(x))
+                t_in = batched(call, t, len(x))
                 maps = run_until_captured(call, store, model_in, t_in, emb, added)
                 loss, shortfall = objective(maps, [positions[k] for k in index.tolist()])
                 (grad,) = torch.autograd.grad(loss.sum(), [x])
