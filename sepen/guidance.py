@@ -1,6 +1,7 @@
 """Test-time guidance: latent updates from a loss on the object tokens' attention maps
-(docs/test-time.md), for Stable Diffusion 1.x, 2.x, XL and 3/3.5 pipelines (the pipelines'
-own steps: sepen.denoising).
+(docs/test-time.md), for Stable Diffusion 1.x, 2.x, XL, 3/3.5 and FLUX.1 pipelines (the
+pipelines' own steps: sepen.denoising; FLUX.1's latents are updated packed, as its pipeline
+holds them, and its maps are read on the unpacked token grid).
 
 One loop serves every test-time method. At each denoising step i it may
 
@@ -35,15 +36,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sepen.architecture import Denoiser, capturing, denoiser_of
+from sepen.architecture import capturing, denoiser_of
 from sepen.attention import available_resolutions, run_until_captured
 from sepen.denoising import (
     batched,
     check_supported,
     decode,
     denoise_step,
+    denoiser,
     encode,
     image_size,
+    latent_side,
+    model_input,
     scale_input,
     start,
 )
@@ -154,20 +158,20 @@ def guided_sample(
         raise ValueError("prompts, positions and seeds differ in length")
     check_supported(pipe)
     model, scheduler = denoiser_of(pipe), pipe.scheduler
-    call = Denoiser(model)
+    call = denoiser(pipe, guidance_scale)
     size = image_size(pipe)
     cond = encode(pipe, prompts, guidance_scale, size, size)
     latents, timesteps, extra = start(pipe, seeds, schedule.steps, cond, size)
     counts = stats if stats is not None else {}
     counts.setdefault("guided_passes", 0)
-    with _capturing(model, capture, size // pipe.vae_scale_factor) as store:
+    with _capturing(model, capture, latent_side(pipe, size)) as store:
 
         def loss_and_grad(x, t, index):
             """(shortfall, gradient of the loss) of the images `index` at latents x."""
             emb, added = cond.cond(index)
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
-                model_in = scale_input(scheduler, x, t)
+                model_in = scale_input(scheduler, model_input(pipe, x, size), t)
                 t_in = batched(call, t, len(x))
                 maps = run_until_captured(call, store, model_in, t_in, emb, added)
                 loss, shortfall = objective(maps, [positions[k] for k in index.tolist()])
@@ -194,12 +198,12 @@ def guided_sample(
                 latents = guide(latents, i, t)
             store.enabled = False
             try:
-                latents = denoise_step(pipe, call, latents, t, cond, guidance_scale, extra)
+                latents = denoise_step(pipe, call, latents, t, cond, guidance_scale, extra, size)
             finally:
                 store.enabled = True
             if on_step is not None:
                 on_step(i, t, latents)
-    return decode(pipe, latents, output_type)
+    return decode(pipe, latents, size, output_type)
 
 
 def _refine(latents, shortfall, grad, target, size, limit, loss_and_grad):

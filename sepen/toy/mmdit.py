@@ -54,10 +54,10 @@ def build_toy_mmdit_pipeline(m: dict, seed: int = 0):
 
     width = m["text_width"]
     text_encoder, text_encoder_2 = clip(width, m["text_layers"] + 1), clip(SECOND_WIDTH, 1)
-    side = m["image_size"] // 2
+    side, patch = m["image_size"] // 2, m.get("patch_size", 2)
     transformer = SD3Transformer2DModel(
         sample_size=side,
-        patch_size=2,
+        patch_size=patch,
         in_channels=4,
         out_channels=4,
         num_layers=m["layers"],
@@ -66,7 +66,8 @@ def build_toy_mmdit_pipeline(m: dict, seed: int = 0):
         joint_attention_dim=width + SECOND_WIDTH,
         caption_projection_dim=m["heads"] * m["head_dim"],
         pooled_projection_dim=width + SECOND_WIDTH,
-        pos_embed_max_size=side // 2,
+        pos_embed_max_size=side // patch,
+        qk_norm=m.get("qk_norm"),
     )
     vae = build_toy_vae(m, shift_factor=0.0)
     pipe = StableDiffusion3Pipeline(

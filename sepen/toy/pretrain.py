@@ -37,6 +37,7 @@ from sepen.toy.seeds import VALIDATION_SEED
 from sepen.toy.world import prepare_world, prompt_for, scene_batch
 
 log = logging.getLogger("sepen.toy.pretrain")
+LOSS_LOG_STEPS = 100  # steps per line of the loss curve in the log
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -148,7 +149,7 @@ def train_denoiser(run: Run, toy: dict, until: int, progress: bool, save=None) -
     model.train()
     for encoder in _encoders(pipe):
         encoder.train()
-    losses = run.losses
+    losses, flow = run.losses, []
     bar = _progress(until, "pretrain", progress, start=run.step)
     store, weight = None, pre["grounding"]
     if weight > 0:  # attention grounding (TokenCompose-style): each object's cells attend its token
@@ -171,6 +172,7 @@ def train_denoiser(run: Run, toy: dict, until: int, progress: bool, save=None) -
         if store is not None:
             store.reset()
         loss = flow_loss(pipe, z, prompts, g) if joint else _unet_loss(pipe, z, prompts, g)
+        flow_part = loss.item()
         if store is not None:
             keep = [
                 not p or grounded(c, objs, pre["grounding_images"])
@@ -198,11 +200,18 @@ def train_denoiser(run: Run, toy: dict, until: int, progress: bool, save=None) -
         run.opt.step()
         run.sched.step()
         losses.append(loss.item())
+        flow.append(flow_part)
         run.step = step + 1
         if run.step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-            if not progress:
-                log.info("step %d loss %.4f", run.step, np.mean(losses[-50:]))
+        if run.step % LOSS_LOG_STEPS == 0:  # the loss curve, in the run's log
+            log.info(
+                "step %d loss %.4f (flow matching %.4f), mean of the last %d steps",
+                run.step,
+                np.mean(losses[-LOSS_LOG_STEPS:]),
+                np.mean(flow[-LOSS_LOG_STEPS:]),
+                LOSS_LOG_STEPS,
+            )
         if save is not None and (run.step % pre["checkpointing_steps"] == 0 or run.step == until):
             save(run.step)
     if store is not None:  # the processors it had before the capture
@@ -242,10 +251,12 @@ def world_settings(toy: dict) -> dict:
     out = {k: toy[k] for k in keep}
     if toy.get("one_name_fraction"):  # (absent from the models made before it existed)
         out["one_name_fraction"] = toy["one_name_fraction"]
+    mmdit_only = ("architecture", "layers", "head_dim", "patch_size", "qk_norm")
     if out["model"].get("architecture", "unet") == "unet":  # likewise: world v3's settings
-        out["model"] = {
-            k: v for k, v in out["model"].items() if k not in ("architecture", "layers", "head_dim")
-        }
+        out["model"] = {k: v for k, v in out["model"].items() if k not in mmdit_only}
+    else:  # likewise: the first toy MMDiT's (2x2 patches, no QK norm) predate these keys
+        legacy = {"patch_size": 2, "qk_norm": None}
+        out["model"] = {k: v for k, v in out["model"].items() if k not in legacy or v != legacy[k]}
     run_only = ("run", "checkpointing_steps", "checkpoints_total_limit")
     out["pretrain"] = {k: v for k, v in toy["pretrain"].items() if k not in run_only}
     if out["pretrain"].get("grounding_images") == "all":  # likewise

@@ -62,7 +62,9 @@ def test_shipped_configs_validate(path, mode):
     assert load_config(ROOT / path)["finetune"]["mode"] == mode
 
 
-@pytest.mark.parametrize("path", ["config/config.yaml", "config/toy_v2.yaml"])
+@pytest.mark.parametrize(
+    "path", ["config/config.yaml", "config/toy_v2.yaml", "config/toy_mmdit.yaml"]
+)
 def test_shipped_toy_models_match_their_configs(path):
     import json
 

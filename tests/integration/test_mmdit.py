@@ -327,15 +327,88 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(tiny_mmdit_m
     assert any(g.abs().sum() > 0 for g in grads.values())
 
 
-def test_test_time_guidance_on_flux_is_an_error_before_any_work(pipes):
+def _flux_at_128px(pipes):
+    """The tiny FLUX.1 [dev] pipeline drawing 128 px (16x16 latents, 8x8 packed tokens)."""
+    pipe = pipes["flux"]
+    pipe.default_sample_size = 16  # FluxPipeline's own default size too
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_flux_loop_without_updates_is_fluxpipelines_own_sampling(pipes):
+    """FLUX.1: no classifier-free guidance, embedded guidance, packed latents, shifted sigmas;
+    with no update and no refinement the loop's latents and images are FluxPipeline's."""
+    from sepen.guidance import Schedule, guided_sample
+    from sepen.sampling import sample
+
+    pipe = _flux_at_128px(pipes)
+    prompts, seeds = ["a cat and a dog", "a photo of a horse and a hat"], [3, 4]
+    args = (prompts, [[[1], [3]], [[4], [7]]], seeds)
+    flat = (lambda maps, pos: (maps.sum((1, 2, 3, 4)),) * 2, Schedule(3, 0, 20.0))
+    latents = {}
+    for output in ("latent", "np"):
+        ours = guided_sample(pipe, *args, *flat, {"blocks": [0]}, 2.5, output_type=output)
+        theirs = sample(pipe, prompts, seeds, 3, 2.5, batch_size=2, output_type=output)
+        assert tuple(ours.shape) == tuple(theirs.shape)
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-4)
+        latents[output] = ours
+    # the embedded guidance reaches the model: another scale, other latents
+    other = guided_sample(pipe, *args, *flat, {"blocks": [0]}, 6.0, output_type="latent")
+    assert (other - latents["latent"]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(("name", "scale"), [("attend_excite", 1e4), ("sepen_test_time", 1e2)])
+def test_test_time_guidance_on_flux_lowers_its_loss_on_the_token_grid(pipes, name, scale):
+    """A&E and SepEn at test time on FLUX.1: maps on the unpacked 8x8 token grid with FLUX's
+    512 T5 columns; refinement steps on the packed latents lower each image's loss."""
+    from sepen.config import validate_config
+    from sepen.sampling import sample
+    from sepen.test_time import GuidanceMethod
+
+    pipe = _flux_at_128px(pipes)
+    settings = {"thresholds": {0: 0.99}, "max_refinement": 4, "scale_factor": scale}
+    config = validate_config(
+        {"sampling": {"steps": 3}, "evaluation": {name: {**settings, "max_iter_to_alter": 1}}}
+    )
+    method = GuidanceMethod.from_config(name, config)
+    method.check(pipe)
+    entry = {"prompt": "a photo of a cat and a dog", "concepts": ["cat", "dog"]}
+    positions = method.positions(pipe, [entry] * 2)
+    assert positions[0] == [[4], [7]]  # T5 only, no start token
+    shapes, seen = [], []
+
+    def objective(maps, pos, inner=method.objective):
+        shapes.append(tuple(maps.shape))
+        loss, shortfall = inner(maps, pos)
+        seen.append(loss.detach().clone())  # (the loop refines A&E's shortfall in place)
+        return loss, shortfall
+
+    guided = type(method)(method.name, objective, method.schedule, (), method.joint)
+    stats = {}
+    images = guided.sample(pipe, [entry] * 2, positions, [0, 1], 3.5, stats=stats)
+    assert all(s[2:4] == (8, 8) and s[-1] == 512 for s in shapes)
+    first, last = seen[0], seen[-1]  # before the refinement, after its 4 updates
+    assert len(seen) == 1 + 4 and stats["guided_passes"] == 2 * 5
+    assert (last < first).all(), torch.stack(seen).tolist()
+    plain = sample(pipe, [entry["prompt"]] * 2, [0, 1], 3, 3.5)
+    assert images.shape == plain.shape == (2, 128, 128, 3)
+    assert np.abs(images - plain).max() > 1e-4
+
+
+def test_test_time_guidance_on_another_pipeline_is_an_error_before_any_work(pipes):
+    from diffusers import FluxImg2ImgPipeline
+
     from sepen.config import validate_config
     from sepen.errors import SepenError
     from sepen.test_time import GuidanceMethod
 
     method = GuidanceMethod.from_config("attend_excite", validate_config({}))
-    with pytest.raises(SepenError, match="not available for FLUX.1.*evaluation.methods"):
-        method.check(pipes["flux"])
-    method.check(pipes["sd3"])  # SD3 has it
+    img2img = FluxImg2ImgPipeline(**pipes["flux"].components)
+    with pytest.raises(SepenError, match="FluxImg2ImgPipeline.*evaluation.methods") as err:
+        method.check(img2img)
+    assert "\n" not in str(err.value)
+    method.check(pipes["sd3"])
+    method.check(pipes["flux"])
 
 
 def test_sepen_test_time_guides_sd3_on_both_token_copies(pipes):

@@ -67,6 +67,20 @@ def test_steering_processor_moves_attention_to_the_steered_half_in_the_condition
     assert torch.allclose(got, expect, atol=1e-5)
 
 
+def test_colour_centroids_see_objects_the_detector_cannot_recognise():
+    from sepen.toy.probes import centroid_counts, colour_side
+
+    left = render([Placed("circle", 8, 16, 6), Placed("star", 24, 16, 6)])
+    blob = render([Placed("circle", 8, 16, 6)])
+    blob[12:20, 20:28] = (255, 255, 0)  # the star's colour as a square: no star to the detector
+    assert object_side(regions(blob), "star", 32) is None
+    assert colour_side(blob, "star") == "right" and colour_side(blob, "circle") == "left"
+    assert colour_side(render([Placed("circle", 8, 16, 6)]), "star") is None
+    mirrored = left[:, ::-1]
+    counts = centroid_counts(np.stack([left, blob, mirrored]), ["circle", "star"])
+    assert counts == {"first_left": 2, "second_right": 2, "both": 2, "n": 3}
+
+
 def test_object_side_and_steering_counts_read_the_detected_objects():
     left = render([Placed("circle", 8, 16, 6), Placed("star", 24, 16, 6)])
     right = render([Placed("circle", 24, 16, 6), Placed("star", 8, 16, 6)])
@@ -117,44 +131,97 @@ def test_key_cosine_is_the_mean_over_cross_attention_layers_of_the_object_keys(t
     assert key_cosine(pipe, prompt, [pos[0], pos[0]]) == pytest.approx(1.0, abs=1e-6)
 
 
-def _card(held=0.5, singles=1.0, shares=(3, 1, 1, 0), first=0.8, second=0.7, lift=0.12):
+# the criteria of every world (an SD3-style MMDiT adds the swap test's two)
+CRITERIA = {
+    "every_single_concept_12_of_16",
+    "singles_at_least_0.90",
+    "held_out_pairs_0.30_to_0.60",
+    "failing_objects_mostly_missing_or_merged",
+    "attend_excite_lift_ci_above_0",
+    "key_cosine_predicts_failure",
+    "map_overlap_predicts_failure",
+    "steering_first_left_centroid_lift_ci_above_0",
+    "steering_second_right_centroid_lift_ci_above_0",
+    "object_tokens_share_at_high_noise_0.05",
+}
+
+
+def _card(
+    held=0.5,
+    singles=(1.0, 0.9),
+    shares=(3, 1, 1, 0),
+    lift_lo=0.02,
+    centroid_lo=(0.1, 0.05),
+    spearman=(0.7, 0.4),
+    object_share=0.06,
+    swap=(0.6, 0.2),
+):
+    """A card with the values the criteria read (none measured: constructed)."""
     total = sum(shares)
-    return {
-        "per_prompt": {"single": {"circle": singles, "star": 1.0}},
-        "success": {"held_out_pairs": {"mean": held}},
+    card = {
+        "per_prompt": {"single": {"circle": singles[0], "star": singles[1]}},
+        "success": {"single": {"mean": float(np.mean(singles))}, "held_out_pairs": {"mean": held}},
         "failing_objects": {"missing_or_merged_share": (shares[0] + shares[2]) / total},
         "steering": {
-            "first_left": {"steered": first},
-            "second_right": {"steered": second},
+            "centroid": {
+                "first_left": {"lo": centroid_lo[0]},
+                "second_right": {"lo": centroid_lo[1]},
+            }
         },
         "attend_excite": {
-            "scales": {"5": {"minus_base": {"mean": 0.01}}, "20": {"minus_base": {"mean": lift}}}
+            "scales": {
+                "5": {"minus_base": {"mean": 0.01, "lo": -0.05}},
+                "20": {"minus_base": {"mean": 0.1, "lo": lift_lo}},
+            }
+        },
+        "keys_and_maps": {
+            "spearman_key_cosine_vs_failure": spearman[0],
+            "spearman_map_iou_vs_failure": spearman[1],
+        },
+        "text_share": {
+            "block0": {"0.9": {"objects": object_share + 0.02}},
+            "block1": {"0.9": {"objects": object_share - 0.02}},
         },
     }
+    if swap is not None:
+        card["swap"] = {
+            "held_out_pairs": {
+                "sequence_only": {"kept_of_base": swap[0]},
+                "pooled_only": {"kept_of_base": swap[1]},
+            }
+        }
+    return card
 
 
 def test_criteria_hold_only_at_the_issues_thresholds():
-    cc = {"steer_min_rate": 0.75}
-    ok = criteria(_card(), cc)
-    assert {k: v["holds"] for k, v in ok.items()} == {
-        "every_single_concept": True,
-        "held_out_pairs_at_most": True,
-        "failing_objects_missing_or_merged": True,
-        "steering_first_object": True,
-        "steering_second_object": False,
-        "attend_excite_lift": True,
+    ok = criteria(_card(), {})
+    assert all(v["holds"] for v in ok.values()), ok
+    assert set(ok) == CRITERIA | {
+        "swap_token_sequence_keeps_most",
+        "swap_pooled_vector_alone_loses_them",
     }
-    assert ok["attend_excite_lift"]["value"] == 0.12  # the best step size is the one judged
-    bad = criteria(_card(held=0.56, singles=0.94, shares=(1, 1, 0, 2), lift=0.09), cc)
-    assert not any(
-        bad[k]["holds"]
-        for k in (
-            "every_single_concept",
-            "held_out_pairs_at_most",
-            "failing_objects_missing_or_merged",
-            "attend_excite_lift",
-        )
+    assert ok["attend_excite_lift_ci_above_0"]["value"] == 0.02  # the best step size is judged
+    assert ok["object_tokens_share_at_high_noise_0.05"]["value"] == pytest.approx(0.06)
+    bad = criteria(
+        _card(
+            held=0.61,
+            singles=(1.0, 0.7),
+            shares=(1, 1, 0, 2),
+            lift_lo=0.0,
+            centroid_lo=(0.0, -0.1),
+            spearman=(0.29, None),
+            object_share=0.049,
+            swap=(0.49, 0.26),
+        ),
+        {},
     )
+    assert not any(v["holds"] for v in bad.values()), bad
+    assert not criteria(_card(held=0.29), {})["held_out_pairs_0.30_to_0.60"]["holds"]
+    low_singles = criteria(_card(singles=(0.85, 0.9)), {})  # each >= 12/16, mean 0.875
+    assert low_singles["every_single_concept_12_of_16"]["holds"]
+    assert not low_singles["singles_at_least_0.90"]["holds"]
+    unet = criteria(_card(swap=None), {})  # no pooled vector: no swap rows
+    assert not any(k.startswith("swap") for k in unet)
 
 
 def test_steered_context_restores_the_processors(tiny_toy_model):
@@ -203,14 +270,16 @@ def test_card_cli_on_a_tiny_model_writes_every_section(tmp_path, tiny_toy_model)
         for r in card["keys_and_maps"]["per_pair"]
     )
     assert set(card["attend_excite"]["scales"]) == {"5", "20"}
-    assert set(card["criteria"]) == {
-        "every_single_concept",
-        "held_out_pairs_at_most",
-        "failing_objects_missing_or_merged",
-        "steering_first_object",
-        "steering_second_object",
-        "attend_excite_lift",
-    }
+    centroid = card["steering"]["centroid"]
+    assert all(0 <= centroid[k]["steered"] <= 1 and centroid[k]["n"] == 2 for k in centroid)
+    shares = card["text_share"]  # a UNet reads only text: the three shares sum to 1
+    assert len(shares) == 6 and all(  # the cross-attention layers at 16 and 8 (not mid's 4)
+        sum(v[level].values()) == pytest.approx(1, abs=1e-5) and v[level]["image"] == 0
+        for v in shares.values()
+        for level in ("0.9", "0.6", "0.3")
+    )
+    assert "swap" not in card  # no pooled text vector in a UNet
+    assert set(card["criteria"]) == CRITERIA
     assert cli(["--config", str(config), "--model", str(tmp_path / "nothing")]) == 2
 
 

@@ -83,3 +83,104 @@ def test_sepen_finetunes_the_toy_mmdit_text_keys(tmp_path, fresh_accelerator_sta
     assert sorted(tensors) == [f"transformer_blocks.{i}.attn.add_k_proj.weight" for i in range(2)]
     base = load_pipeline(tmp_path / "base").transformer.state_dict()
     assert any(not torch.equal(v, base[k]) for k, v in tensors.items())
+
+
+@pytest.fixture(scope="module")
+def toy_mmdit(tmp_path_factory):
+    """A tiny toy MMDiT on a 16x16 token grid (patch 1), pretrained for a few steps."""
+    config = mmdit_config()
+    config["toy"]["model"]["patch_size"] = 1
+    path = tmp_path_factory.mktemp("toy_mmdit") / "base"
+    pretrain(config, path, progress=False)
+    return path
+
+
+def test_patch_1_gives_a_16x16_token_grid_and_the_text_share_probe_reads_it(toy_mmdit):
+    from sepen.joint_attention import install_joint_capture, restore_processors
+    from sepen.toy.probes import text_share
+
+    pipe = load_pipeline(toy_mmdit)
+    assert pipe.transformer.config.patch_size == 1
+    pairs = [["circle", "star"], ["square", "ring"]]
+    shares = text_share(pipe, pairs, (6.0, 8.0), 0)
+    assert list(shares) == [f"transformer_blocks.{i}.attn" for i in range(2)]
+    for layer in shares.values():
+        for level in ("0.9", "0.6", "0.3"):
+            parts = layer[level]
+            assert sum(parts.values()) == pytest.approx(1.0, abs=1e-5)
+            assert all(v >= 0 for v in parts.values()) and parts["image"] > 0
+    # the maps it read: every image query of the 16x16 grid, every text column
+    store = install_joint_capture(pipe.transformer, None, 16, "joint")
+    store.columns = None
+    emb, _, pooled, _ = pipe.encode_prompt(
+        ["a photo of a circle"], None, None, **call_options(pipe)
+    )
+    with torch.no_grad():
+        pipe.transformer(
+            hidden_states=torch.randn(1, 4, 16, 16),
+            timestep=torch.tensor([500.0]),
+            encoder_hidden_states=emb,
+            pooled_projections=pooled,
+        )
+    restore_processors(pipe.transformer, store)
+    assert store.maps[0].shape == (1, 2, 16, 16, 32)
+
+
+def test_swap_test_conditions_on_the_swapped_sequence_and_pooled_vector(toy_mmdit):
+    from sepen.sampling import sample
+    from sepen.toy.evaluate import to_uint8
+    from sepen.toy.probes import swap_images, swap_test
+
+    pipe = load_pipeline(toy_mmdit)
+    sampling = {"steps": 2, "guidance_scale": 2.0, "batch_size": 4}
+    prompts, seeds = ["a photo of a circle and a star", "a photo of a ring"], [3, 4]
+    plain = to_uint8(sample(pipe, prompts, seeds, 2, 2.0))
+    images = {
+        v: swap_images(pipe, prompts, seeds, sampling, v)
+        for v in ("prompt", "sequence_only", "pooled_only")
+    }
+    assert (images["prompt"] == plain).all()  # the plain variant is the pipeline's sampling
+    for variant in ("sequence_only", "pooled_only"):
+        assert (images[variant] != plain).any(), variant
+    result = swap_test(pipe, [["circle", "star"]], seeds, sampling)
+    assert set(result) == {"prompt", "sequence_only", "pooled_only"}
+    assert all(0 <= r["success"]["mean"] <= 1 and r["success"]["n"] == 2 for r in result.values())
+
+
+def _key_delta(path, model_dir, block: int):
+    """A delta that changes only joint block `block`'s text-key weights (by 20%)."""
+    from sepen.delta import save_delta
+
+    pipe = load_pipeline(model_dir)
+    name = f"transformer_blocks.{block}.attn.add_k_proj.weight"
+    weight = dict(pipe.transformer.named_parameters())[name].detach()
+    return save_delta(
+        path,
+        {name: weight * 1.2 + 0.05},
+        base_model=str(model_dir),
+        revision=None,
+        trainable="to_k",
+        config={},
+        architecture="SD3Transformer2DModel",
+    )
+
+
+def test_stream_change_follows_a_key_change_through_the_text_stream(toy_mmdit, tmp_path):
+    """A key change in block 0 rewrites block 0's text-stream output (text queries read the
+    text keys) and so everything after it; one in the last block (no text output) changes
+    only that block's image stream."""
+    from sepen.toy.diagnose import stream_change
+
+    prompt = "a photo of a circle and a star"
+    first = stream_change(
+        load_pipeline(toy_mmdit), _key_delta(tmp_path / "0.st", toy_mmdit, 0), prompt, 0
+    )
+    assert list(first) == ["block 0", "block 1"]
+    assert first["block 0"]["text_stream"] > 1e-4 and first["block 0"]["image_stream"] > 1e-4
+    assert first["block 1"]["text_stream"] is None  # SD3's last block drops the text output
+    assert first["block 1"]["image_stream"] > 1e-4
+    last = stream_change(
+        load_pipeline(toy_mmdit), _key_delta(tmp_path / "1.st", toy_mmdit, 1), prompt, 0
+    )
+    assert last["block 0"] == {"text_stream": 0.0, "image_stream": 0.0}
+    assert last["block 1"]["image_stream"] > 1e-4
