@@ -65,8 +65,7 @@ def is_flux(pipe) -> bool:
 
 def denoiser(pipe, guidance_scale: float) -> Denoiser:
     """The denoiser call of the loop; FLUX.1 [dev] gets `guidance_scale` as embedded guidance."""
-    model = denoiser_of(pipe)
-    return Denoiser(model, guidance=guidance_scale if family(model) == "flux" else None)
+    return Denoiser(denoiser_of(pipe), guidance=guidance_scale if is_flux(pipe) else None)
 
 
 def encode(pipe, prompts: Sequence[str], guidance_scale: float, height: int, width: int):

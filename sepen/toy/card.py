@@ -44,7 +44,7 @@ from sepen.test_time import GuidanceMethod
 from sepen.toy.detect import FAILURES, object_outcome, regions
 from sepen.toy.evaluate import generate, image_scores, prompt_kinds, rates, to_uint8
 from sepen.toy.geometry import key_cosine, recorded_key_cosine, soft_iou, spearman
-from sepen.toy.probes import centroid_counts, centroid_sides, swap_test, text_share
+from sepen.toy.probes import centroid_sides, side_counts, swap_test, text_share
 from sepen.toy.seeds import seed_range
 from sepen.toy.steering import steered, steering_bias, steering_counts
 from sepen.toy.world import prepare_world, prompt_for
@@ -152,17 +152,18 @@ def card(config: dict, model: str, progress: bool = True) -> dict:
 
         with steered(denoiser_of(pipe), bias):
             moved = draw([pair], None, steer_seeds)
+        moved_sides, plain_sides = centroid_sides(moved, pair), centroid_sides(plain, pair)
         steering.append(
             {
                 "pair": _pair_key(pair),
                 "steered": steering_counts(moved, pair),
                 "unsteered": steering_counts(plain, pair),
-                "centroid_steered": centroid_counts(moved, pair),
-                "centroid_unsteered": centroid_counts(plain, pair),
+                "centroid_steered": side_counts(moved_sides),
+                "centroid_unsteered": side_counts(plain_sides),
             }
         )
-        sides["steered"] += centroid_sides(moved, pair)
-        sides["unsteered"] += centroid_sides(plain, pair)
+        sides["steered"] += moved_sides
+        sides["unsteered"] += plain_sides
     n_steer = sum(s["steered"]["n"] for s in steering)
 
     def pooled(which, key):

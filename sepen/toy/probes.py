@@ -62,7 +62,11 @@ def centroid_sides(images: np.ndarray, pair: Sequence[str]) -> list[tuple[bool, 
 
 def centroid_counts(images: np.ndarray, pair: Sequence[str]) -> dict[str, int]:
     """How many images have the first object's colour left and the second's right."""
-    sides = centroid_sides(images, pair)
+    return side_counts(centroid_sides(images, pair))
+
+
+def side_counts(sides: Sequence[tuple[bool, bool]]) -> dict[str, int]:
+    """Counts of `centroid_sides`' per-image (first left, second right) flags."""
     return {
         "first_left": sum(a for a, _ in sides),
         "second_right": sum(b for _, b in sides),
