@@ -129,5 +129,11 @@ def discard_if_stale(state_dir: Path, settings: dict) -> bool:
     return bool(found)
 
 
+def read_stamp(state_dir: Path) -> dict | None:
+    """The settings stamp of a state folder (None when it has none)."""
+    stamp = Path(state_dir) / SETTINGS_STAMP
+    return json.loads(stamp.read_text()) if stamp.is_file() else None
+
+
 def stamp_settings(state_dir: Path, settings: dict) -> None:
     write_json(Path(state_dir) / SETTINGS_STAMP, settings)

@@ -74,6 +74,49 @@ def validate_config(config: dict) -> dict:
     return config
 
 
+_JSON_TYPES = {
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+    "array": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+    "string": lambda v: isinstance(v, str),
+}
+
+
+def coerce_strings(config: dict, schema: dict | None = None) -> dict:
+    """`config` with the strings the schema does not allow read as YAML, in place.
+
+    Snakemake hands nested `--config` values over as strings (`--config
+    'toy={pretrain: {run: true}}'` gives run = 'true'); each string at a key whose schema types
+    exclude strings becomes its YAML value when that value has an allowed type, else it stays
+    (and validation names it). Lists are walked item by item.
+    """
+    schema = load_schema() if schema is None else schema
+
+    def coerce(value, sub: dict):
+        types = sub.get("type")
+        types = [types] if isinstance(types, str) else (types or [])
+        if isinstance(value, dict):
+            props = sub.get("properties", {})
+            extra = sub.get("additionalProperties")
+            for key in value:
+                inner = props.get(key, extra if isinstance(extra, dict) else None)
+                if inner is not None:
+                    value[key] = coerce(value[key], inner)
+            return value
+        if isinstance(value, list) and isinstance(sub.get("items"), dict):
+            return [coerce(v, sub["items"]) for v in value]
+        if isinstance(value, str) and types and "string" not in types:
+            parsed = read_yaml(value)
+            if any(_JSON_TYPES[t](parsed) for t in types if t in _JSON_TYPES):
+                return coerce(parsed, sub) if isinstance(parsed, (dict, list)) else parsed
+        return value
+
+    return coerce(config, schema)
+
+
 def set_override(config: dict, assignment: str) -> None:
     """Apply one `a.b.c=value` override (value parsed as YAML) in place."""
     if "=" not in assignment:

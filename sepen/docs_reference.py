@@ -57,16 +57,18 @@ def configuration_page() -> str:
         "",
         "# Configuration reference",
         "",
-        _cell(schema.get("description", "")),
-        "",
         "Every key of `sepen/schemas/config.schema.yaml`, the one schema every config is "
-        "validated against (by the Snakefile and by each `sepen` command). Give a key in a "
-        "YAML file (`--config`, `--configfile`) or on the command line "
-        "(`--set section.key=value`, `--config section={key: value}` for Snakemake).",
+        "validated against (by the Snakefile and by each `sepen` command); every key has a "
+        "default. Give a key in a YAML file (`--config`, `--configfile`) or on the command line "
+        "(`--set section.key=value`; for Snakemake `--config 'section={key: value}'`, whose "
+        "values are read as the schema's types). A config may extend another "
+        "(`extends: config.yaml`) and list only what differs.",
         "",
     ]
     for section, node in schema["properties"].items():
-        lines += [f"## `{section}`", "", _cell(node.get("description", "")), ""]
+        lines += [f"## `{section}`", ""]
+        if node.get("properties"):  # a plain key's description is its table row
+            lines += [_cell(node.get("description", "")), ""]
         keys = [(k, n) for k, n in schema_keys(node, section + ".")] or [(section, node)]
         lines += ["| key | type | default | description |", "|---|---|---|---|"]
         for key, sub in keys:

@@ -20,7 +20,14 @@ import functools
 import hashlib
 from pathlib import Path
 
-from sepen.config import SCHEMA_PATH, read_config_file, read_yaml, resolve_extends, validate_config
+from sepen.config import (
+    SCHEMA_PATH,
+    coerce_strings,
+    read_config_file,
+    read_yaml,
+    resolve_extends,
+    validate_config,
+)
 from sepen.plan import TEST_TIME_FINETUNE_KEYS
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -230,7 +237,10 @@ def configfiles(workflow) -> list[Path]:
 
 def workflow_config(workflow, config: dict) -> dict:
     """The validated config of a Snakemake run, with the file it `extends` merged in below it
-    (relative to the folder of the config file that names it)."""
+    (relative to the folder of the config file that names it). The strings Snakemake's nested
+    `--config` values arrive as are first read as the schema's types, in `config` itself (so
+    Snakemake's own validation and the rules see them typed)."""
+    coerce_strings(config)
     folder = configfiles(workflow)[-1].parent
     for path in configfiles(workflow):
         if path.is_file() and (read_yaml(path.read_text()) or {}).get("extends"):

@@ -20,10 +20,12 @@ from sepen.errors import SepenError
 from sepen.finetune.loop import check_ranks_agree, latent_side, prepare, train
 from sepen.finetune.signal import Task, check_prompts
 from sepen.finetune.state import (
+    check_same_shape,
     find_checkpoint,
     make_tracker,
     register_checkpoint_hooks,
     run_settings,
+    world_size,
 )
 from sepen.models.loading import load_pipeline
 from sepen.objective import SepenObjective
@@ -110,10 +112,12 @@ def main(args: argparse.Namespace) -> Path:
     check_prompts(lambda prompt, names: text_positions(pipe, prompt, names), task)
     check_capture(denoiser_of(pipe), ft, latent_side(pipe, ft["image_size"]))
 
-    settings = run_settings(config)
+    settings = run_settings(config, world_size())
     if own_prompts:
         settings["prompts"] = own_prompts
     protocol.clean_partial(output_dir)  # a save cut short: never resumed from
+    if args.resume:  # another process count or global batch: an error, not a silent resume
+        check_same_shape(protocol.read_stamp(output_dir), settings["training"], output_dir)
     if args.resume == "latest":
         if protocol.discard_if_stale(output_dir, settings):
             log.warning(

@@ -9,6 +9,9 @@
   set and method.
 - `losses`: SepEn loss curves.
 - `attention`: object-token cross-attention maps before and after finetuning.
+- `concepts`: the toy world's concepts, each drawn alone.
+- `numbers`: a run's metrics and premise in one file, the source the docs render their
+  numbers from (sepen.docs_numbers; data/toy_base/default_run.json is the default run's).
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ from sepen.command import add_config_options, add_deprecated, command_parser, co
 from sepen.errors import SepenError
 from sepen.plan import read_plan
 from sepen.report.attention_maps import attention_figure, attention_rows
-from sepen.report.figures import loss_figure, mean_losses_csv, png, sample_grid, taxonomy_figure
+from sepen.report.figures import (
+    concepts_figure,
+    loss_figure,
+    mean_losses_csv,
+    png,
+    sample_grid,
+    taxonomy_figure,
+)
 from sepen.report.tables import landing_text, table_page
 
 
@@ -57,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="folder of <method>/shard-<k>.json for the config's methods and shards",
     )
+    g.add_argument("--sets", nargs="+", help="only these prompt sets (default: all)")
+    g.add_argument("--cell", type=int, default=128, help="pixels per image (default: 128)")
     g.add_argument("--out", type=Path, required=True, help="the grid (PNG)")
     lo = part("losses", "loss curves (PNG)")
     which = lo.add_mutually_exclusive_group(required=True)
@@ -74,7 +86,28 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--deltas-dir", type=Path, help="folder of the finetuned deltas")
     add_deprecated(a, "--model-dir", "--deltas-dir", "deltas_dir", type=Path)
     a.add_argument("--out", type=Path, required=True, help="the figure (PNG)")
+    c = part("concepts", "the toy world's concepts, each drawn alone (PNG)")
+    c.add_argument("--out", type=Path, required=True, help="the figure (PNG)")
+    n = part("numbers", "a run's metrics and premise in one file: the docs' source of its numbers")
+    n.add_argument(
+        "--run", type=Path, required=True, help="the run's folder (results/<experiment>)"
+    )
+    n.add_argument("--out", type=Path, required=True, help="the file (JSON)")
     return p
+
+
+def run_numbers(run: Path) -> dict:
+    """metrics.json and premise.json of a finished run, with where they came from."""
+    metrics = _metrics(run / "metrics.json")
+    premise = _read_json(run / "premise.json", "premise file", "sepen toy premise", ("methods",))
+    config = run / "config.merged.yaml"
+    return {
+        "made_by": f"sepen report numbers --run {run}",
+        "run": str(run),
+        "config": str(config) if config.is_file() else None,
+        "metrics": metrics,
+        "premise": premise,
+    }
 
 
 def _read_json(path: Path | None, what: str, made_by: str, keys=()):
@@ -106,6 +139,18 @@ def main(args: argparse.Namespace) -> None:
             _card(args.card),
         )
         write_text(args.out, page)
+    elif args.figure == "concepts":
+        toy = config_from(args)["toy"]
+        radius = sum(toy["radius"]) / 2
+        write_bytes(
+            args.out, png(concepts_figure(toy["concepts"], radius, toy["model"]["image_size"]))
+        )
+    elif args.figure == "numbers":
+        import json
+
+        if not (args.run / "metrics.json").is_file():
+            raise SepenError(f"{args.run}/metrics.json is missing: run the workflow first")
+        write_text(args.out, json.dumps(run_numbers(args.run), indent=1, sort_keys=True) + "\n")
     elif args.figure == "landing":
         description = args.description.read_text() if args.description else ""
         write_text(args.out, landing_text(_metrics(args.metrics), _card(args.card), description))
@@ -119,6 +164,8 @@ def main(args: argparse.Namespace) -> None:
             manifests,
             config["report"]["grid_prompts"],
             config["report"]["grid_seeds"],
+            cell=args.cell,
+            sets=args.sets,
         )
         write_bytes(args.out, png(image))
     elif args.figure == "taxonomy":

@@ -4,7 +4,8 @@
   differs from what would be written);
 - `code STEP`: the files of a step's code and their hash (what re-runs the step);
 - `docs`: write the generated reference pages, configuration (from the schema) and CLI (from
-  the parsers) (`--check` likewise).
+  the parsers), and the README's tables (from the files sepen.docs_numbers names) (`--check`
+  likewise).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from sepen.atomic import write_text
 from sepen.command import add_config_options, command_parser, run_step
+from sepen.docs_numbers import readme_tables
 from sepen.docs_reference import reference_pages
 from sepen.dvc_pipeline import dvc_yaml_text
 from sepen.errors import SepenError
@@ -59,6 +61,10 @@ def main(args: argparse.Namespace) -> None:
     else:
         for name, text in reference_pages().items():
             _write_or_check(args.out_dir / name, text, args.check, "sepen workflow docs")
+        readme = Path("README.md")
+        if readme.is_file():  # its tables, from the files the docs render theirs from
+            text = readme_tables(readme.read_text(), Path("."))
+            _write_or_check(readme, text, args.check, "sepen workflow docs")
 
 
 def cli(argv=None) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from sepen import checkpoints as protocol
+from sepen.errors import SepenError
 
 LOSS_COLUMNS = ("step", "loss", "separate", "enhance", "norm", "lr")
 
@@ -92,8 +93,43 @@ def find_checkpoint(state_dir: Path, resume: str | None) -> Path | None:
     return protocol.find_checkpoint(state_dir, resume, checkpoint_problem)
 
 
-def run_settings(config: dict) -> dict:
-    """What a checkpoint depends on: the base model and every finetuning setting.
+def world_size() -> int:
+    """The number of processes this run trains with, as the launcher set it (accelerate,
+    torchrun and sepen's SLURM mapping set WORLD_SIZE; a plain run is one process)."""
+    import os
+
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise SepenError(f"WORLD_SIZE={value!r} is not a process count: unset it or give N >= 1")
+    return int(value)
+
+
+def training_shape(config: dict, processes: int) -> dict:
+    """How many processes train and the global batch they make (batch per process x processes
+    x accumulation steps): a checkpoint made with another shape must not be resumed."""
+    ft = config["finetune"]
+    batch = ft["batch_size"] * processes * ft["gradient_accumulation_steps"]
+    return {"processes": processes, "global_batch": batch}
+
+
+def check_same_shape(stamp: dict | None, shape: dict, state_dir) -> None:
+    """A one-line error when the checkpoints in `state_dir` were made with another process
+    count or global batch than this run's (`stamp`: their run_settings.json, None if absent)."""
+    made = (stamp or {}).get("training")
+    if made is None or made == shape:
+        return
+    raise SepenError(
+        f"the checkpoints in {state_dir} were made by {made['processes']} process(es) with a "
+        f"global batch of {made['global_batch']}; this run has {shape['processes']} process(es) "
+        f"and a global batch of {shape['global_batch']}: resume with {made['processes']} "
+        "process(es) and the same batch settings, or give another --state-dir (or drop "
+        "--resume) to start anew"
+    )
+
+
+def run_settings(config: dict, processes: int = 1) -> dict:
+    """What a checkpoint depends on: the base model, every finetuning setting, and the
+    training's shape (processes and global batch).
 
     Keys that only change speed or bookkeeping (checkpoint interval, logging) are left out, so
     changing them keeps the checkpoints.
@@ -104,7 +140,8 @@ def run_settings(config: dict) -> dict:
         if k not in ("checkpointing_steps", "checkpoints_total_limit", "log_every")
     }
     sampling = {k: config["sampling"][k] for k in ("steps", "guidance_scale")}
-    return {"model": config["model"], "finetune": ft, "sampling": sampling}
+    training = training_shape(config, processes)
+    return {"model": config["model"], "finetune": ft, "sampling": sampling, "training": training}
 
 
 def register_checkpoint_hooks(accelerator, raw_unet) -> None:

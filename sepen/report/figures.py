@@ -11,6 +11,7 @@ import numpy as np
 
 from sepen.errors import SepenError
 from sepen.report.tables import FAILURE_KINDS
+from sepen.toy.world import Placed, render
 
 
 def taxonomy_figure(result: dict) -> bytes:
@@ -64,10 +65,19 @@ def _label(image, text: str):
     return image
 
 
+LABEL_W = 110  # the method's name left of its row
+
+
 def sample_grid(
-    plan: dict, manifests: list[dict], prompts_per_set: int, seeds: int, cell: int = 128
+    plan: dict,
+    manifests: list[dict],
+    prompts_per_set: int,
+    seeds: int,
+    cell: int = 128,
+    sets: list[str] | None = None,
 ):
-    """One block per prompt: a row per method, the same `seeds` seeds in columns."""
+    """One block per prompt (the first `prompts_per_set` of each of `sets`, default all): a row
+    per method, the same `seeds` seeds in columns."""
     from PIL import Image
 
     paths: dict[tuple[str, str, int], str] = {}
@@ -77,23 +87,33 @@ def sample_grid(
             methods.append(m["method"])
         for im in m["images"]:
             paths[(m["method"], im["prompt_id"], im["seed"])] = im["path"]
-    chosen = [pid for ids in plan["sets"].values() for pid in ids[:prompts_per_set]]
+    unknown = sorted(set(sets or []) - set(plan["sets"]))
+    if unknown:
+        raise SepenError(
+            f"prompt sets {unknown} are not in the plan: choose from {sorted(plan['sets'])}"
+        )
+    chosen = [
+        pid
+        for name, ids in plan["sets"].items()
+        if sets is None or name in sets
+        for pid in ids[:prompts_per_set]
+    ]
     chosen = list(dict.fromkeys(chosen))
     seed_list = plan["seeds"][:seeds]
     label_h = 16
     rows = []
     for pid in chosen:
-        title = Image.new("RGB", (cell * len(seed_list) + 60, label_h), "white")
+        title = Image.new("RGB", (cell * len(seed_list) + LABEL_W, label_h), "white")
         rows.append(_label(title, plan["prompts"][pid]["prompt"]))
         for method in methods:
             if (method, pid, seed_list[0]) not in paths:  # A&E samples pair prompts only
                 continue
-            row = Image.new("RGB", (cell * len(seed_list) + 60, cell), "white")
+            row = Image.new("RGB", (cell * len(seed_list) + LABEL_W, cell), "white")
             _label(row, method)
             for j, s in enumerate(seed_list):
                 with Image.open(paths[(method, pid, s)]) as im:
                     tile = im.convert("RGB").resize((cell, cell), Image.NEAREST)
-                row.paste(tile, (60 + j * cell, 0))
+                row.paste(tile, (LABEL_W + j * cell, 0))
             rows.append(row)
     grid = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), "white")
     y = 0
@@ -156,3 +176,19 @@ def mean_losses_csv(files: list[Path]) -> str:
         n, total = sums[step]
         lines.append(f"{step}," + ",".join(f"{v / n:.6g}" for v in total))
     return "\n".join(lines) + "\n"
+
+
+def concepts_figure(concepts: list[str], radius: float, size: int = 32, cell: int = 96):
+    """The toy world's concepts, each drawn alone at the centre (radius `radius`), named below:
+    what the exact detector looks for (sepen.toy.world)."""
+    from PIL import Image
+
+    label_h = 16
+    sheet = Image.new("RGB", (cell * len(concepts), cell + label_h), "white")
+    for k, name in enumerate(concepts):
+        image = render([Placed(name, size / 2, size / 2, radius)], size)
+        tile = Image.fromarray(image).resize((cell, cell), Image.NEAREST)
+        sheet.paste(tile, (k * cell, 0))
+        caption = Image.new("RGB", (cell, label_h), "white")
+        sheet.paste(_label(caption, name), (k * cell, cell))
+    return sheet

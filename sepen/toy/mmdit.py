@@ -106,11 +106,18 @@ def encode_with_grad(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tens
     return torch.cat([clip, t5], 1), torch.cat(pooled, -1)
 
 
-def flow_loss(pipe, z: torch.Tensor, prompts: list[str], g: torch.Generator) -> torch.Tensor:
-    """Flow matching's loss on clean latents `z`: sigma ~ U(0, 1), x = (1 - sigma) z + sigma
-    noise, the transformer predicts noise - z (SD3's velocity target)."""
+def flow_loss(
+    pipe, z: torch.Tensor, prompts: list[str], g: torch.Generator, sigmas: str = "uniform"
+) -> torch.Tensor:
+    """Flow matching's loss on clean latents `z`: x = (1 - sigma) z + sigma noise, the
+    transformer predicts noise - z (SD3's velocity target). `sigmas`: "uniform" draws sigma ~
+    U(0, 1) (the first toy MMDiT); "logit_normal" draws sigma = sigmoid(n), n ~ N(0, 1), SD3's
+    choice, which spends the steps on middle noise levels, where the layout and shapes form."""
     noise = torch.randn(z.shape, generator=g)
-    sigma = torch.rand(len(z), generator=g).view(-1, 1, 1, 1)
+    if sigmas == "logit_normal":
+        sigma = torch.sigmoid(torch.randn(len(z), generator=g)).view(-1, 1, 1, 1)
+    else:
+        sigma = torch.rand(len(z), generator=g).view(-1, 1, 1, 1)
     noisy = (1 - sigma) * z + sigma * noise
     emb, pooled = encode_with_grad(pipe, prompts)
     pred = pipe.transformer(

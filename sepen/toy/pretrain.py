@@ -171,7 +171,10 @@ def train_denoiser(run: Run, toy: dict, until: int, progress: bool, save=None) -
             z = vae.encode(to_tensor(images)).latent_dist.mean * vae.config.scaling_factor
         if store is not None:
             store.reset()
-        loss = flow_loss(pipe, z, prompts, g) if joint else _unet_loss(pipe, z, prompts, g)
+        if joint:
+            loss = flow_loss(pipe, z, prompts, g, pre["sigmas"])
+        else:
+            loss = _unet_loss(pipe, z, prompts, g)
         flow_part = loss.item()
         if store is not None:
             keep = [
@@ -261,6 +264,8 @@ def world_settings(toy: dict) -> dict:
     out["pretrain"] = {k: v for k, v in toy["pretrain"].items() if k not in run_only}
     if out["pretrain"].get("grounding_images") == "all":  # likewise
         del out["pretrain"]["grounding_images"]
+    if out["pretrain"].get("sigmas") == "uniform":  # likewise (and a UNet does not read it)
+        del out["pretrain"]["sigmas"]
     return out
 
 

@@ -63,7 +63,13 @@ def test_shipped_configs_validate(path, mode):
 
 
 @pytest.mark.parametrize(
-    "path", ["config/config.yaml", "config/toy_v2.yaml", "config/toy_mmdit.yaml"]
+    "path",
+    [
+        "config/config.yaml",
+        "config/toy_v2.yaml",
+        "config/toy_mmdit.yaml",
+        "config/toy_mmdit_v1.yaml",
+    ],
 )
 def test_shipped_toy_models_match_their_configs(path):
     import json

@@ -1,4 +1,5 @@
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -124,6 +125,38 @@ def test_a_changed_finetuning_key_discards_the_old_checkpoints(config, tmp_path,
     with open(state / "losses.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5]
     assert sorted(p.name for p in state.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_a_resume_with_another_process_count_or_global_batch_is_an_error(
+    config, tmp_path, monkeypatch
+):
+    """Checkpoints made by one process (global batch 2) are not resumed by two processes, nor
+    with another batch size: a one-line error naming both shapes, before any training; the
+    same shape resumes."""
+    from sepen.errors import SepenError
+
+    first = config(steps=5, checkpointing_steps=2)
+    _run("--config", first, "--out", tmp_path / "b.safetensors", "--stop-after", 2)
+    state = tmp_path / "b.state"
+    stamp = json.loads((state / "run_settings.json").read_text())
+    assert stamp["training"] == {"processes": 1, "global_batch": 2}
+    losses = (state / "losses.csv").read_text()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as a two-process launcher sets it
+    with pytest.raises(SepenError) as error:
+        _run("--config", first, "--out", tmp_path / "b.safetensors", "--resume", "latest")
+    message = str(error.value)
+    assert "made by 1 process(es) with a global batch of 2" in message
+    assert "this run has 2 process(es) and a global batch of 4" in message
+    assert "\n" not in message and "--state-dir" in message
+    monkeypatch.delenv("WORLD_SIZE")
+    bigger = config(steps=5, checkpointing_steps=2, batch_size=4)
+    with pytest.raises(SepenError, match="this run has 1 process\\(es\\) and a global batch of 4"):
+        _run("--config", bigger, "--out", tmp_path / "b.safetensors", "--resume", "latest")
+    # nothing was trained or removed by the refused runs
+    assert (state / "losses.csv").read_text() == losses
+    assert [p.name for p in state.glob("checkpoint-*")] == ["checkpoint-2"]
+    _run("--config", first, "--out", tmp_path / "b.safetensors", "--resume", "latest")
+    assert (tmp_path / "b.safetensors").is_file()
 
 
 def test_checkpoint_total_limit_keeps_the_newest(config, tmp_path):

@@ -99,3 +99,31 @@ def test_extends_errors_name_the_value_and_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="extends = 'nowhere.yaml' names no file"):
         load_config(tmp_path / "c.yaml")
     assert resolve_extends({"experiment": "x"}, tmp_path) == {"experiment": "x"}
+
+
+def test_snakemake_command_line_strings_are_read_as_the_schema_types():
+    from snakemake.cli import parse_config
+
+    from sepen.config import coerce_strings, validate_config
+
+    given = parse_config(
+        [
+            "toy={pretrain: {run: true, steps: 12}, radius: [6, 8.5]}",
+            "evaluation={images_per_prompt: 8, sets: [single]}",
+            "sampling={dtype: float32, guidance_scale: 3}",
+            "finetune={blocks: null, learning_rate: 1e-5}",
+        ]
+    )
+    assert given["toy"]["pretrain"]["run"] == "true"  # what Snakemake hands over
+    config = coerce_strings(given)
+    assert config["toy"]["pretrain"] == {"run": True, "steps": 12}
+    assert config["toy"]["radius"] == [6, 8.5]
+    assert config["evaluation"] == {"images_per_prompt": 8, "sets": ["single"]}
+    assert config["sampling"] == {"dtype": "float32", "guidance_scale": 3}
+    assert config["finetune"] == {"blocks": None, "learning_rate": 1e-5}
+    validate_config(config)
+    # a string the schema allows stays one; a value of no allowed type stays and is named
+    assert coerce_strings({"experiment": "12"}) == {"experiment": "12"}
+    bad = coerce_strings({"evaluation": {"images_per_prompt": "many"}})
+    with pytest.raises(ConfigError, match="images_per_prompt = 'many'"):
+        validate_config(bad)

@@ -399,6 +399,17 @@ def test_toy_pretraining_and_study_join_the_dag_behind_their_switches(project):
     assert "--card data/toy_base/world_card.json" in default  # the shipped model's card
 
 
+def test_nested_config_values_on_the_command_line_are_read_as_the_schema_types(project):
+    # Snakemake hands `--config key={...}` over with every nested scalar a string
+    out = snakemake(project, "-n", "-p", "--forceall", "--config", "toy={pretrain: {run: true}}")
+    assert job_counts(out.stdout)["toy_pretrain"] == 1
+    snakemake(project, "-n", "--forceall", "--config", "evaluation={images_per_prompt: 8}")
+    merged = yaml.safe_load((project / "results/toy/config.merged.yaml").read_text())
+    assert merged["evaluation"]["images_per_prompt"] == 8
+    bad = snakemake(project, "-n", "--config", "evaluation={images_per_prompt: many}", check=False)
+    assert bad.returncode != 0 and "images_per_prompt = 'many'" in bad.stdout + bad.stderr
+
+
 def test_fid_jobs_join_the_dag_when_a_reference_folder_is_set(project):
     cfg = load_config(ROOT / "config/sd14_pairs.yaml")  # layered: written out whole
     cfg["evaluation"]["fid"] = {"reference": "data/coco_val"}

@@ -1,0 +1,284 @@
+"""Numbers in the docs, read from the files that hold them.
+
+A page writes `{{ default_run:sets.held_out_pairs.sepen.success }}` where a number belongs and
+`{{ table:default_run }}` where the default run's table belongs; the MkDocs hook
+(sepen/mkdocs_hooks.py) renders them when the site builds, and `sepen workflow docs` writes the
+README's table between its `<!-- sepen:table NAME -->` markers. A value is a number, or a
+{mean, lo, hi} record written `mean [lo, hi]`; `| +.3f` after the key path sets the format
+(default `.3f`; `+` signs paired differences). Every source is a file in the repository,
+written by the command that measured it (SOURCES).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from sepen.config import read_yaml
+from sepen.errors import SepenError
+
+# name -> (file, the command that wrote it)
+SOURCES = {
+    "default_run": (
+        "data/toy_base/default_run.json",
+        "snakemake --cores all, then sepen report numbers --run results/toy "
+        "--out data/toy_base/default_run.json",
+    ),
+    "paper": ("data/paper.yaml", "typed from the paper's tables (a secondary transcription)"),
+    "card": ("data/toy_base/world_card.json", "sepen toy card --config config/config.yaml"),
+    "mmdit_card": (
+        "data/toy_mmdit_v2/world_card.json",
+        "sepen toy card --config config/toy_mmdit.yaml --model data/toy_mmdit_v2",
+    ),
+    "mmdit_run": (
+        "data/toy_mmdit_v2/default_run.json",
+        "snakemake --cores all --configfile config/toy_mmdit.yaml, then sepen report numbers "
+        "--run results/toy_mmdit --out data/toy_mmdit_v2/default_run.json",
+    ),
+    "mmdit_pretrain": (
+        "data/toy_mmdit_v2/sepen_toy.json",
+        "sepen toy pretrain --config config/toy_mmdit.yaml --out data/toy_mmdit_v2",
+    ),
+    "mmdit_step8000": (
+        "data/toy_mmdit_v2/validation_step8000.json",
+        "sepen toy pretrain --config config/toy_mmdit.yaml --resume <state>/checkpoint-8000 "
+        "--until 8000 --out DIR (its sepen_toy.json's validation)",
+    ),
+    "mmdit_v1_pretrain": (
+        "data/toy_mmdit/sepen_toy.json",
+        "sepen toy pretrain --config config/toy_mmdit_v1.yaml --out data/toy_mmdit",
+    ),
+    "mmdit_v1_card": (
+        "data/toy_mmdit/world_card.json",
+        "sepen toy card --config config/toy_mmdit_v1.yaml --model data/toy_mmdit",
+    ),
+    "test_time_study": (
+        "data/toy_base/test_time_study.json",
+        "sepen toy test-time-study --config config/config.yaml",
+    ),
+}
+
+PLACEHOLDER = re.compile(
+    r"\{\{\s*([a-z0-9_]+):([A-Za-z0-9_.\-]+)\s*(?:\|\s*([+]?\.\d[fe%]))?\s*\}\}"
+)
+README_TABLE = re.compile(
+    r"(<!-- sepen:table (?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /sepen:table -->)", re.S
+)
+
+METHOD_NAMES = {
+    "base": "base model",
+    "attend_excite": "Attend-and-Excite",
+    "sepen": "SepEn (finetuned)",
+    "sepen_test_time": "SepEn at test time",
+}
+
+
+def load_source(name: str, root: Path) -> dict:
+    if name not in SOURCES:
+        raise SepenError(f"docs source {name!r} is not one of {sorted(SOURCES)}")
+    path = Path(root) / SOURCES[name][0]
+    if not path.is_file():
+        raise SepenError(f"docs source {name!r}: {path} is missing; made by: {SOURCES[name][1]}")
+    text = path.read_text()
+    return json.loads(text) if path.suffix == ".json" else read_yaml(text)
+
+
+def lookup(data, path: str, name: str = "source"):
+    """The value at a dotted key path (list items by index)."""
+    node = data
+    for part in path.split("."):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            raise SepenError(f"docs number {name}:{path}: {part!r} is not in the file")
+    return node
+
+
+def _number(x: float, spec: str) -> str:
+    text = format(float(x), spec)
+    return format(0.0, spec) if float(text.rstrip("%")) == 0 else text  # no "-0.000"
+
+
+CENTRES = ("mean", "auc", "value")  # a record's estimate beside its lo and hi
+
+
+def _record(value) -> tuple | None:
+    """(estimate, lo, hi) of a {mean|auc|value, lo, hi} record, else None."""
+    if not isinstance(value, dict) or not {"lo", "hi"} <= set(value):
+        return None
+    centre = next((k for k in CENTRES if k in value), None)
+    parts = (value.get(centre), value["lo"], value["hi"]) if centre else ()
+    if not parts or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in parts):
+        return None
+    return tuple(float(x) for x in parts)
+
+
+def format_value(value, spec: str | None = None) -> str:
+    """A number, or a {mean, lo, hi} record (also auc or value) as `mean [lo, hi]`."""
+    spec = spec or ".3f"
+    record = _record(value)
+    if record is not None:
+        m, lo, hi = (_number(x, spec) for x in record)
+        return f"{m} [{lo}, {hi}]"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SepenError(f"docs number: {value!r} is not a number or a mean/lo/hi record")
+    if isinstance(value, int):
+        return str(value)
+    return _number(value, spec)
+
+
+class Sources:
+    """The docs' source files, each read once."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.loaded = Path(root), {}
+
+    def __getitem__(self, name: str):
+        if name not in self.loaded:
+            self.loaded[name] = load_source(name, self.root)
+        return self.loaded[name]
+
+
+def default_run_table(sources: Sources) -> str:
+    """The default run's held-out pairs per method beside the paper's reported rows."""
+    run, paper = sources["default_run"]["metrics"], sources["paper"]
+    held = run["sets"]["held_out_pairs"]
+    diffs = run["differences"]["held_out_pairs"]
+    n = held["base"]["success"]["n"]
+    lines = [
+        f"| method ({n} images) | success | minus base | paper: success | paper: FID |",
+        "|---|---|---|---|---|",
+    ]
+    for method in paper["methods"]:
+        if method not in held:
+            continue
+        delta = "-" if method == "base" else format_value(diffs[method]["success"], "+.3f")
+        lines.append(
+            f"| {METHOD_NAMES[method]} | {format_value(held[method]['success'])} | {delta} "
+            f"| {paper['detection_success'][method]:.3f} | {paper['fid'][method]:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def card_criteria_table(sources: Sources) -> str:
+    """The toy MMDiT's world card criteria beside the first toy MMDiT's: each value and
+    whether it holds (the cards' own `criteria`)."""
+    cards = [("toy MMDiT", sources["mmdit_card"]), ("first toy MMDiT", sources["mmdit_v1_card"])]
+    names = list(dict.fromkeys(n for _, card in cards for n in card["criteria"]))
+    lines = [
+        "| criterion | " + " | ".join(label for label, _ in cards) + " |",
+        "|---|" + "---|" * len(cards),
+    ]
+    for name in names:
+        cells = []
+        for _, card in cards:
+            c = card["criteria"].get(name)
+            cells.append(
+                "-" if c is None else f"{c['value']:.3f} ({'holds' if c['holds'] else 'fails'})"
+            )
+        lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_table(run: dict) -> str:
+    """A run's held-out pairs per method: success, paired difference to base, failure kinds."""
+    held = run["metrics"]["sets"]["held_out_pairs"]
+    diffs = run["metrics"]["differences"]["held_out_pairs"]
+    lines = [
+        "| method | success | minus base | missing | merged | wrong shape |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method in METHOD_NAMES:
+        if method not in held:
+            continue
+        delta = "-" if method == "base" else format_value(diffs[method]["success"], "+.3f")
+        kinds = " | ".join(
+            format_value(held[method][k]["mean"])
+            for k in ("fail_missing", "fail_merged", "fail_wrong_shape")
+        )
+        success = format_value(held[method]["success"])
+        lines.append(f"| {METHOD_NAMES[method]} | {success} | {delta} | {kinds} |")
+    return "\n".join(lines) + "\n"
+
+
+def card_pairs_table(card: dict) -> str:
+    """Per held-out pair on the card seeds: the object tokens' key cosine and map overlap, and
+    how often the base model fails (the premise: similar keys and overlapping maps fail)."""
+    lines = ["| pair | key cosine | map IoU | failure rate |", "|---|---|---|---|"]
+    for row in sorted(card["keys_and_maps"]["per_pair"], key=lambda r: -r["failure_rate"]):
+        lines.append(
+            f"| {row['pair']} | {row['key_cosine']:.2f} | {row['map_iou']:.2f} "
+            f"| {row['failure_rate']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+TABLES = {
+    "mmdit_card_pairs": lambda sources: card_pairs_table(sources["mmdit_card"]),
+    "default_run": default_run_table,
+    "card_criteria": card_criteria_table,
+    "mmdit_run": lambda sources: run_table(sources["mmdit_run"]),
+}
+
+
+def render(text: str, root: Path, sources: Sources | None = None) -> str:
+    """`text` with every placeholder replaced by its value (an unknown one raises)."""
+    sources = sources or Sources(root)
+
+    def one(m: re.Match) -> str:
+        name, path, spec = m.groups()
+        if name == "table":
+            if path not in TABLES:
+                raise SepenError(f"docs table {path!r} is not one of {sorted(TABLES)}")
+            return TABLES[path](sources).rstrip("\n")
+        return format_value(lookup(sources[name], path, name), spec)
+
+    return PLACEHOLDER.sub(one, text)
+
+
+def readme_tables(text: str, root: Path) -> str:
+    """The README with each `<!-- sepen:table NAME -->` block rewritten from its source."""
+    sources = Sources(root)
+
+    def one(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in TABLES:
+            raise SepenError(f"README table {name!r} is not one of {sorted(TABLES)}")
+        return m.group(1) + TABLES[name](sources) + m.group(4)
+
+    return README_TABLE.sub(one, text)
+
+
+def ci_triples(data) -> set[tuple[float, float, float]]:
+    """Every {mean|auc|value, lo, hi} record in a loaded file, as (estimate, lo, hi)."""
+    out = set()
+    if isinstance(data, dict):
+        if _record(data) is not None:
+            out.add(_record(data))
+        for v in data.values():
+            out |= ci_triples(v)
+    elif isinstance(data, list):
+        for v in data:
+            out |= ci_triples(v)
+    return out
+
+
+QUOTED_CI = re.compile(r"([+-]?\d\.\d{2,3}) \[([+-]?\d\.\d{2,3}), ([+-]?\d\.\d{2,3})\]")
+
+
+def unsourced_intervals(text: str, triples: set[tuple[float, float, float]]) -> list[str]:
+    """The `mean [lo, hi]` intervals quoted in `text` that no record of `triples` rounds to
+    (at the quoted number of decimals)."""
+    rounded = set()
+    for t in triples:
+        for d in (2, 3):
+            rounded.add(tuple(round(x, d) + 0.0 for x in t))
+    missing = []
+    for m in QUOTED_CI.finditer(text):
+        quoted = tuple(float(x) + 0.0 for x in m.groups())
+        if quoted not in rounded:
+            missing.append(m.group(0))
+    return missing
