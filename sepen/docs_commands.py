@@ -39,7 +39,7 @@ class Documented:
 
 def _commands_in(line: str) -> list[str]:
     line = line.split(" #", 1)[0].strip()  # a trailing comment
-    return [p.strip() for p in re.split(r"&&|;|\|\|", line) if START.match(p.strip())]
+    return [p.strip() for p in re.split(r"&&|;|\|\||\s\|\s", line) if START.match(p.strip())]
 
 
 def documented_commands(page: Path, root: Path) -> list[Documented]:
@@ -59,7 +59,8 @@ def documented_commands(page: Path, root: Path) -> list[Documented]:
     for m in INLINE.finditer(outside):
         span = " ".join(m.group(1).split())
         if START.match(span) and " -" in span:
-            found.append(Documented(name, outside[: m.start()].count("\n") + 1, span))
+            line = outside[: m.start()].count("\n") + 1
+            found += [Documented(name, line, cmd) for cmd in _commands_in(span)]
     return found
 
 

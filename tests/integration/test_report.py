@@ -1,11 +1,13 @@
 """`sepen report`: the table, grid, loss curves and attention maps."""
 
 import numpy as np
+import pytest
 import torch
 from helpers.steps import metrics_shard, sample_shard
 
 from sepen.aggregate import aggregate, collect
 from sepen.config import load_config
+from sepen.errors import SepenError
 
 
 def test_report_table_grid_and_losses(toy_setup):
@@ -47,8 +49,13 @@ def test_report_table_grid_and_losses(toy_setup):
     manifest = sample_shard(toy_setup)
     grid = sample_grid(plan, [manifest, {**manifest, "method": "sepen"}], 1, 2, cell=64)
     # one prompt (one set, 1 per set): a 16-pixel title row and a 64-pixel row per method;
-    # 2 seeds + the label column
-    assert grid.size == (60 + 2 * 64, 16 + 2 * 64)
+    # 2 seeds + the label column (110 px: "sepen_test_time" fits)
+    assert grid.size == (110 + 2 * 64, 16 + 2 * 64)
+    sets = list(plan["sets"])
+    only = sample_grid(plan, [manifest], 1, 2, cell=32, sets=sets[:1])
+    assert only.size == (110 + 2 * 32, 16 + 32)
+    with pytest.raises(SepenError, match="not in the plan"):
+        sample_grid(plan, [manifest], 1, 2, sets=["nope"])
     csv_path = toy_setup["dir"] / "losses.csv"
     csv_path.write_text(
         "step,loss,separate,enhance,norm,lr\n1,1.0,0.5,0.4,0.1,1e-4\n2,0.9,0.4,0.4,0.1,1e-4\n"
