@@ -256,8 +256,9 @@ def ci_triples(data) -> set[tuple[float, float, float]]:
     """Every {mean|auc|value, lo, hi} record in a loaded file, as (estimate, lo, hi)."""
     out = set()
     if isinstance(data, dict):
-        if _record(data) is not None:
-            out.add(_record(data))
+        record = _record(data)
+        if record is not None:
+            out.add(record)
         for v in data.values():
             out |= ci_triples(v)
     elif isinstance(data, list):
