@@ -60,3 +60,12 @@ def test_one_checkpoint_protocol():
     assert owners == {"sepen.checkpoints"}
     for user in ("sepen.finetune.state", "sepen.toy.checkpoints", "sepen.cli.finetune"):
         assert any(m == "sepen.checkpoints" for m, _ in _imports(module_file(user))), user
+
+
+def test_test_files_have_unique_names():
+    """pytest imports test modules by basename (rootdir mode, no packages): two files of one
+    name in different layers stop the whole collection."""
+    tests = Path(__file__).resolve().parents[1]
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert len(names) > 30
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
