@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from sepen.delta import save_delta, unet_delta_tensors
 from sepen.errors import SepenError
 from sepen.finetune.loop import check_ranks_agree, latent_side, prepare, train
 from sepen.finetune.signal import Task, check_prompts
+from sepen.finetune.slurm import node_name, torch_env
 from sepen.finetune.state import (
     check_same_shape,
     find_checkpoint,
@@ -112,6 +114,7 @@ def main(args: argparse.Namespace) -> Path:
     check_prompts(lambda prompt, names: text_positions(pipe, prompt, names), task)
     check_capture(denoiser_of(pipe), ft, latent_side(pipe, ft["image_size"]))
 
+    os.environ.update(torch_env(os.environ))  # an srun task of a multi-node job: its rank
     settings = run_settings(config, world_size())
     if own_prompts:
         settings["prompts"] = own_prompts
@@ -131,6 +134,12 @@ def main(args: argparse.Namespace) -> Path:
         gradient_accumulation_steps=ft["gradient_accumulation_steps"],
         log_with=[make_tracker(output_dir / "losses.csv", start_step)],
         project_config=ProjectConfiguration(project_dir=str(output_dir)),
+    )
+    log.info(
+        "process %d of %d on node %s",
+        accelerator.process_index,
+        accelerator.num_processes,
+        node_name(os.environ),
     )
     if accelerator.is_main_process:
         protocol.stamp_settings(output_dir, settings)

@@ -27,6 +27,7 @@ from sepen.architecture import denoiser_of
 from sepen.attention import install_capture
 from sepen.errors import SepenError
 from sepen.joint_attention import install_joint_capture, is_joint, restore_processors
+from sepen.models.loading import load_pipeline
 from sepen.tokens import concept_token_positions, prompt_ids
 from sepen.toy import checkpoints as ck
 from sepen.toy.evaluate import generate, prompt_kinds, score
@@ -266,7 +267,44 @@ def world_settings(toy: dict) -> dict:
         del out["pretrain"]["grounding_images"]
     if out["pretrain"].get("sigmas") == "uniform":  # likewise (and a UNet does not read it)
         del out["pretrain"]["sigmas"]
+    if out["pretrain"].get("init", "absent") is None:  # likewise: trained from random weights
+        del out["pretrain"]["init"]
     return out
+
+
+def read_init(settings: dict) -> dict | None:
+    """The summary of the model `toy.pretrain.init` starts from, checked to be of this world
+    (everything but its pretraining settings), or None. An error names the folder and the key."""
+    folder = settings["pretrain"].get("init")
+    if folder is None:
+        return None
+    summary_file = Path(folder) / "sepen_toy.json"
+    if not summary_file.is_file():
+        raise SepenError(
+            f"toy.pretrain.init {folder!r} is not a toy base model (no sepen_toy.json): give a "
+            "folder written by `sepen toy pretrain`, or null to start from random weights"
+        )
+    summary = json.loads(summary_file.read_text())
+    theirs = {k: v for k, v in summary["config"].items() if k != "pretrain"}
+    ours = {k: v for k, v in settings.items() if k != "pretrain"}
+    for key in sorted(set(theirs) | set(ours)):
+        if theirs.get(key) != ours.get(key):
+            raise SepenError(
+                f"toy.pretrain.init {folder!r} is of another world: its toy.{key} is "
+                f"{theirs.get(key)!r}, this config's {ours.get(key)!r}; start from a model of "
+                "this world or give its settings"
+            )
+    return summary
+
+
+def start_from(pipe, folder: str | Path) -> None:
+    """Copy a saved toy model's weights (autoencoder, denoiser, text encoders) into `pipe`."""
+    saved = load_pipeline(folder)
+    for name in ("vae", "unet", "transformer", "text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).load_state_dict(getattr(saved, name).state_dict())
+    pipe.vae.register_to_config(scaling_factor=saved.vae.config.scaling_factor)
+    pipe.vae.eval().requires_grad_(False)
 
 
 def _write_model(pipe, toy: dict, config: dict, run: Run, out: Path, until: int) -> dict:
@@ -285,6 +323,8 @@ def _write_model(pipe, toy: dict, config: dict, run: Run, out: Path, until: int)
             "step": until,
             "config": world_settings(toy),
         }
+        if pre.get("init"):  # the steps before this run's
+            summary["init_step"] = read_init(summary["config"])["step"]
         if pre["validation_images"]:
             summary["validation"] = validate(
                 pipe, toy, config["sampling"], pre["validation_images"]
@@ -329,6 +369,7 @@ def pretrain(
             "give a step of this run's schedule"
         )
     settings = world_settings(toy)
+    init = read_init(settings)
     if resume and state_dir is None:
         raise SepenError("--resume needs a checkpoint folder: give --state-dir")
     checkpoint = ck.find_checkpoint(Path(state_dir), resume, settings, until) if resume else None
@@ -363,7 +404,12 @@ def pretrain(
     else:
         if resume:
             log.info("no usable checkpoint in %s: starting anew", state_dir)
-        run.recon = train_vae(pipe.vae, rng, toy, pre["vae_steps"], pre["batch_size"], progress)
+        if init is not None:
+            log.info("starting from %s (step %d of its run)", pre["init"], init["step"])
+            start_from(pipe, pre["init"])
+            run.recon = init["autoencoder_mse"]
+        else:
+            run.recon = train_vae(pipe.vae, rng, toy, pre["vae_steps"], pre["batch_size"], progress)
     if checkpoint is None:
         save(0)  # the autoencoder is not trained again after a stop
     stop = until if stop_after is None else min(until, stop_after)

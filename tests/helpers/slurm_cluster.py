@@ -1,8 +1,10 @@
-"""A one-node SLURM cluster on loopback for the tests (munge, slurmctld, slurmd).
+"""A SLURM cluster on loopback for the tests (munge, slurmctld, one slurmd per node).
 
 Installs Debian's slurm-wlm and munge when missing (root and apt-get needed, else the caller
 skips), writes a slurm.conf with free ports and a job-completion log (no accounting database),
-starts the daemons it needs and stops the ones it started.
+starts the daemons it needs and stops the ones it started. Its nodes (n1, n2, ...) are slurmd
+daemons on this one host (`slurmd -N n2`), one port each: a real multi-node cluster for the
+scheduler and srun, without a network between the nodes.
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ def _memory_mb() -> int:
 
 
 class LocalSlurm:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, nodes: int = 2):
         self.folder = Path(folder)
+        self.nodes = [f"n{i}" for i in range(1, nodes + 1)]
         self.conf = self.folder / "slurm.conf"
         self.jobcomp = self.folder / "jobcomp.txt"
         self.started: list[Path] = []  # pid files of the daemons we started
@@ -63,7 +66,7 @@ class LocalSlurm:
 
     def write_conf(self) -> None:
         f = self.folder
-        for sub in ("state", "spool"):
+        for sub in ("state", *(f"spool-{n}" for n in self.nodes)):
             (f / sub).mkdir(parents=True, exist_ok=True)
         lines = [
             "ClusterName=sepentest",
@@ -72,16 +75,15 @@ class LocalSlurm:
             "SlurmctldParameters=enable_configless",
             "SlurmctldHost=localhost(127.0.0.1)",
             f"SlurmctldPort={self.port}",
-            f"SlurmdPort={_free_port()}",
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",
             f"StateSaveLocation={f}/state",
-            f"SlurmdSpoolDir={f}/spool",
+            f"SlurmdSpoolDir={f}/spool-%n",
             f"SlurmctldPidFile={f}/slurmctld.pid",
-            f"SlurmdPidFile={f}/slurmd.pid",
+            f"SlurmdPidFile={f}/slurmd-%n.pid",
             f"SlurmctldLogFile={f}/slurmctld.log",
-            f"SlurmdLogFile={f}/slurmd.log",
+            f"SlurmdLogFile={f}/slurmd-%n.log",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "MpiDefault=none",
@@ -94,10 +96,16 @@ class LocalSlurm:
             f"JobCompLoc={self.jobcomp}",
             "AccountingStorageType=accounting_storage/none",
             "JobAcctGatherType=jobacct_gather/none",
-            f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={os.cpu_count()} "
-            f"RealMemory={_memory_mb()} State=UNKNOWN",
-            "PartitionName=test Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
         ]
+        memory = _memory_mb() // len(self.nodes)  # the host's memory shared by its nodes
+        lines += [
+            f"NodeName={name} NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 "
+            f"Port={_free_port()} CPUs={os.cpu_count()} RealMemory={memory} State=UNKNOWN"
+            for name in self.nodes
+        ]
+        lines.append(
+            f"PartitionName=test Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP"
+        )
         self.conf.write_text("\n".join(lines) + "\n")
 
     def _start_munge(self) -> None:
@@ -117,25 +125,42 @@ class LocalSlurm:
     def start(self) -> LocalSlurm:
         self.write_conf()
         self._start_munge()
-        for cmd, pid in (
-            (["slurmctld", "-f", str(self.conf)], "slurmctld.pid"),
-            (
-                ["slurmd", "--conf-server", f"127.0.0.1:{self.port}", "-N", "localhost"],
-                "slurmd.pid",
-            ),
-        ):
-            subprocess.run(cmd, env=self.env, check=True, capture_output=True, timeout=60)
+        daemons = [(["slurmctld", "-f", str(self.conf)], "slurmctld.pid")]
+        server = ["--conf-server", f"127.0.0.1:{self.port}"]
+        daemons += [(["slurmd", *server, "-N", n], f"slurmd-{n}.pid") for n in self.nodes]
+        for cmd, pid in daemons:
+            done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60)
+            if done.returncode != 0:
+                self.stop()
+                raise Unavailable(f"{' '.join(cmd)} failed: {done.stderr[-300:]}")
             self.started.append(self.folder / pid)
             time.sleep(1)
         deadline = time.time() + 60
         while time.time() < deadline:
-            state = subprocess.run(
-                ["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True
-            ).stdout.strip()
-            if state == "idle":
+            states = self.node_states()
+            if set(states.values()) == {"idle"} and set(states) == set(self.nodes):
                 return self
             time.sleep(1)
-        raise Unavailable(f"the local SLURM node did not become idle (state {state!r})")
+        self.stop()
+        raise Unavailable(
+            f"the local SLURM nodes did not all become idle ({states}); a SLURM built without "
+            "--enable-multiple-slurmd runs one slurmd per host, so this host cannot be "
+            f"{len(self.nodes)} nodes"
+        )
+
+    def node_states(self) -> dict:
+        shown = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%N %T"], env=self.env, capture_output=True, text=True
+        ).stdout
+        return dict(line.split() for line in shown.splitlines() if len(line.split()) == 2)
+
+    def job_record(self, job_id: str) -> dict:
+        """The job-completion log's record of a job as key=value pairs."""
+        for line in self.jobcomp.read_text().splitlines() if self.jobcomp.is_file() else []:
+            fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+            if fields.get("JobId") == str(job_id):
+                return fields
+        return {}
 
     def completed_jobs(self) -> list[str]:
         if not self.jobcomp.is_file():

@@ -120,6 +120,44 @@ def test_checkpointing_settings_are_not_world_settings():
     assert a != world_settings(prepare_world(v3_config(one_name_fraction=0.2)))
 
 
+def test_a_longer_training_starts_from_the_init_models_weights(tmp_path, uninterrupted):
+    """toy.pretrain.init: the second run starts from the first run's model (its autoencoder is
+    not trained again), trains its own steps, and records where it started."""
+    first = uninterrupted / "full"
+    config = v3_config(steps=2)
+    config["toy"]["pretrain"].update(init=str(first), seed=1, vae_steps=50)
+    start = tmp_path / "start.state"
+    assert pretrain(config, tmp_path / "x", progress=False, state_dir=start, stop_after=0) is None
+    from sepen.toy.checkpoints import WEIGHTS
+
+    stored = load_file(str(start / "checkpoint-0" / WEIGHTS))  # before the first step
+    for part, prefix in zip(PARTS, ("unet", "text_encoder", "vae")):
+        saved = load_file(str(first / part))
+        assert all(torch.equal(stored[f"{prefix}.{k}"], saved[k]) for k in saved)
+    pretrain(config, tmp_path / "second", progress=False, state_dir=start, resume="latest")
+    a, b = weights(tmp_path / "second"), weights(first)
+    vae = PARTS[2]
+    assert all(torch.equal(a[vae][k], b[vae][k]) for k in a[vae])  # not trained again
+    assert not all(torch.equal(a[PARTS[0]][k], b[PARTS[0]][k]) for k in a[PARTS[0]])
+    summary = json.loads((tmp_path / "second" / "sepen_toy.json").read_text())
+    assert (summary["step"], summary["init_step"]) == (2, 8)
+    assert summary["config"]["pretrain"]["init"] == str(first)
+    assert "init" not in json.loads((first / "sepen_toy.json").read_text())["config"]["pretrain"]
+
+
+def test_an_init_model_of_another_world_or_no_model_is_refused_before_any_work(
+    tmp_path, uninterrupted
+):
+    config = v3_config(one_name_fraction=0.2)
+    config["toy"]["pretrain"]["init"] = str(uninterrupted / "full")
+    with pytest.raises(SepenError, match="of another world: its toy.one_name_fraction is 0.5"):
+        pretrain(config, tmp_path / "x", progress=False, state_dir=tmp_path / "s")
+    config["toy"]["pretrain"]["init"] = str(tmp_path)
+    with pytest.raises(SepenError, match="is not a toy base model"):
+        pretrain(config, tmp_path / "x", progress=False, state_dir=tmp_path / "s")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "x").exists()
+
+
 def test_until_outside_the_schedule_is_refused_before_any_work(tmp_path):
     with pytest.raises(SepenError, match="--until 9 is outside 1..8"):
         pretrain(v3_config(), tmp_path / "x", progress=False, state_dir=tmp_path / "s", until=9)

@@ -1,7 +1,8 @@
 """Every `sepen` command that README.md and docs/ document parses with the command's real
 parser, with its required flags, and the repository files it names exist. (The release notes
 name old flags as history, not commands to run; the generated reference pages print the
-parsers' own help.) The `snakemake` lines are dry-run in tests/workflow/test_documented_commands_run.py."""
+parsers' own help.) The `snakemake` lines are dry-run in
+tests/workflow/test_documented_commands_run.py."""
 
 from pathlib import Path
 

@@ -707,6 +707,48 @@ def test_a_two_process_finetune_from_the_rule_equals_one_process(smoke_run, tmp_
     assert max(float((two[k] - one[k]).abs().max()) for k in two) < 1e-5
 
 
+@pytest.mark.slow
+def test_a_hand_run_accelerate_launch_on_two_machines_equals_one_process(
+    smoke_run, tmp_path_factory
+):
+    """docs/cluster.md's `accelerate launch --num_machines 2 --machine_rank R ...`, one per
+    machine, on loopback (CPU, gloo): the delta equals the one-process smoke run's."""
+    import socket
+
+    from safetensors.torch import load_file
+
+    snake_project, _ = smoke_run
+    work = tmp_path_factory.mktemp("machines")
+    smoke = load_config(ROOT / SMOKE)
+    smoke["finetune"]["batch_size"] = 1  # 2 machines x 1 process x 1: the global batch of 2
+    (work / "two.yaml").write_text(yaml.safe_dump(smoke))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = work / "joint.safetensors"
+
+    def machine(rank: int) -> subprocess.Popen:
+        launch = ["accelerate", "launch", "--multi_gpu", "--num_machines", "2"]
+        launch += ["--machine_rank", str(rank), "--num_processes", "2"]
+        launch += ["--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
+        finetune = ["-m", "sepen", "finetune", "--cpu", "--config", str(work / "two.yaml")]
+        finetune += ["--plan", str(snake_project / "results/smoke/prompts.json")]
+        finetune += ["--model-id", "joint", "--out", str(out), "--state-dir", str(work / "s")]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.Popen(
+            launch + finetune, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+
+    machines = [machine(0), machine(1)]
+    logs = [m.communicate(timeout=900)[0].decode() for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "process 1 of 2" in logs[1]
+    two = load_file(out)
+    one = load_file(snake_project / "results/smoke/models/joint.safetensors")
+    assert two.keys() == one.keys()
+    assert max(float((two[k] - one[k]).abs().max()) for k in two) < 1e-5
+
+
 @pytest.fixture(scope="module")
 def local_slurm(tmp_path_factory):
     from helpers.slurm_cluster import LocalSlurm, Unavailable, ensure_installed
@@ -720,17 +762,11 @@ def local_slurm(tmp_path_factory):
     cluster.stop()
 
 
-@pytest.mark.slow
-@pytest.mark.slurm
-def test_smoke_run_through_the_slurm_profile_matches_the_local_run(
-    smoke_run, local_slurm, tmp_path_factory
-):
-    from safetensors.torch import load_file
-
-    snake_project, _ = smoke_run
-    project = copy_project(tmp_path_factory.mktemp("cluster"))
+def _test_profile(project: Path) -> None:
+    """profiles/test-slurm: the shipped profile with the test cluster's partition, no account
+    and CPUs only."""
     profile = yaml.safe_load((ROOT / "profiles/slurm/config.yaml").read_text())
-    profile["default-resources"] = {  # the test cluster's partition, no account, CPUs only
+    profile["default-resources"] = {
         "slurm_partition": "test",
         "mem_mb": 2000,
         "runtime": 30,
@@ -742,6 +778,56 @@ def test_smoke_run_through_the_slurm_profile_matches_the_local_run(
     )
     (project / "profiles/test-slurm").mkdir()
     (project / "profiles/test-slurm/config.yaml").write_text(yaml.safe_dump(profile))
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_a_finetune_job_across_two_nodes_equals_one_process(
+    smoke_run, local_slurm, tmp_path_factory
+):
+    """finetune.nodes: 2 through the profile: one allocation of 2 nodes, srun starts a task on
+    each, sepen maps SLURM's task variables to torch.distributed's; the delta equals the
+    one-process smoke run's (the same global batch of 2)."""
+    from safetensors.torch import load_file
+
+    snake_project, _ = smoke_run
+    project = copy_project(tmp_path_factory.mktemp("nodes"))
+    _test_profile(project)
+    smoke = load_config(ROOT / SMOKE)
+    smoke["finetune"].update(nodes=2, batch_size=1)
+    (project / "nodes.yaml").write_text(yaml.safe_dump(smoke))
+    target = "results/smoke/models/joint.safetensors"
+    cmd = ["snakemake", target, "--profile", "profiles/test-slurm", "--configfile", "nodes.yaml"]
+    before = len(local_slurm.completed_jobs())
+    done = subprocess.run(
+        cmd + ONE_THREAD, cwd=project, env=local_slurm.env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    records = local_slurm.completed_jobs()[before:]
+    fields = [dict(f.split("=", 1) for f in r.split() if "=" in f) for r in records]
+    across = [f for f in fields if f["NodeCnt"] == "2"]
+    assert len(across) == 1 and across[0]["NodeList"] == "n[1-2]"  # the finetune job
+    assert all(f["NodeCnt"] == "1" for f in fields if f is not across[0])  # concepts, prompts
+    log = (project / "logs/smoke/finetune/joint.log").read_text()
+    assert re.search(r"^0: .*process 0 of 2 on node n1$", log, re.M)
+    assert re.search(r"^1: .*process 1 of 2 on node n2$", log, re.M)
+    assert "trained weights identical on 2 process(es)" in log
+    two = load_file(project / target)
+    one = load_file(snake_project / target)
+    assert two.keys() == one.keys()
+    assert max(float((two[k] - one[k]).abs().max()) for k in two) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_smoke_run_through_the_slurm_profile_matches_the_local_run(
+    smoke_run, local_slurm, tmp_path_factory
+):
+    from safetensors.torch import load_file
+
+    snake_project, _ = smoke_run
+    project = copy_project(tmp_path_factory.mktemp("cluster"))
+    _test_profile(project)
     before = len(local_slurm.completed_jobs())
     # the pipeline up to its metrics (16 jobs: finetuning, sampling and metrics shards); the
     # report's jobs are the same kind of job and run locally in the other tests

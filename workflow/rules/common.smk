@@ -34,6 +34,8 @@ MODEL_ARG = f" --model {BASE}" if PRETRAIN else ""
 CONDA_ENV = "../envs/sepen.yaml"
 # GPUs a job asks for: none for the toy world, one otherwise (profiles may change it)
 GPU = 0 if TOY else 1
+# nodes of a finetuning job (above 1: one SLURM allocation, srun tasks; docs/cluster.md)
+NODES = CFG["finetune"]["nodes"]
 
 
 wildcard_constraints:
@@ -121,9 +123,41 @@ def fid_files():
     return [f"{R}/fid/{m}.json" for m in METHODS]
 
 
-def finetune_launcher(wildcards, resources):
+def finetune_resources():
+    """The finetuning job's resources: one node with a GPU per process (finetune.processes,
+    else one); with finetune.nodes > 1 an allocation of nodes x processes tasks in the SLURM
+    plugin's MPI mode (the rule runs srun), GPUs asked per node (gres), none per task.
+    """
+    per_node = CFG["finetune"]["processes"] or 1
+    res = {
+        "mem_mb": 8000 if TOY else 24000,
+        "runtime": 60 if TOY else 240,
+        "gpu": GPU * per_node,
+    }
+    if NODES > 1:
+        res.update(nodes=NODES, mpi="srun")  # the plugin forbids tasks_per_node=1
+        res.update({"tasks_per_node": per_node} if per_node > 1 else {"tasks": NODES})
+        if GPU:
+            res.update(gres=f"gpu:{per_node}", gpu=0, tasks_per_gpu=0)
+    return res
+
+
+def finetune_launcher(wildcards, resources, threads):
     """`python -m sepen finetune`, or accelerate's launcher with one process per GPU of the job
-    (finetune.processes overrides; several processes without GPUs run gloo on CPU)."""
+    (finetune.processes overrides; several processes without GPUs run gloo on CPU); with
+    finetune.nodes > 1, srun with one task per process on every node of the allocation.
+    """
+    if NODES > 1:
+        cpu = "" if GPU else " --cpu"
+        per_node = CFG["finetune"]["processes"] or 1
+        cpus = resources.get("cpus_per_gpu") if GPU else resources.get("cpus_per_task")
+        cpus = cpus if isinstance(cpus, int) and cpus > 0 else threads
+        gres = f" --gres=gpu:{per_node}" if GPU else ""
+        return (
+            f"srun --nodes {NODES} --ntasks {NODES * per_node} --ntasks-per-node {per_node}"
+            f" --cpus-per-task {cpus}{gres} --kill-on-bad-exit=1 --label"
+            f" python -m sepen finetune{cpu}"
+        )
     gpus = int(resources.get("gpu", 0) or 0)
     processes = CFG["finetune"]["processes"] or max(1, gpus)
     if processes == 1:

@@ -18,9 +18,7 @@ rule finetune:
         CONDA_ENV
     threads: 2
     resources:
-        mem_mb=8000 if TOY else 24000,
-        runtime=60 if TOY else 240,
-        gpu=GPU,
+        **finetune_resources(),
     params:
         launch=finetune_launcher,
         config=CONFIG,

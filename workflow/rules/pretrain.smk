@@ -3,6 +3,9 @@
 
 
 rule toy_pretrain:
+    input:
+        # toy.pretrain.init: the model a longer training starts from
+        [CFG["toy"]["pretrain"]["init"]] if CFG["toy"]["pretrain"]["init"] else [],
     output:
         directory(f"{R}/toy_base"),
     log:
