@@ -26,6 +26,7 @@ from sepen.errors import SepenError
 from sepen.plan import read_plan
 from sepen.report.attention_maps import attention_figure, attention_rows
 from sepen.report.figures import (
+    card_figure,
     concepts_figure,
     loss_figure,
     mean_losses_csv,
@@ -88,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", type=Path, required=True, help="the figure (PNG)")
     c = part("concepts", "the toy world's concepts, each drawn alone (PNG)")
     c.add_argument("--out", type=Path, required=True, help="the figure (PNG)")
+    w = part("card", "world cards side by side: concepts alone, key cosine vs failure (PNG)")
+    w.add_argument(
+        "--card", type=Path, action="append", required=True, help="world_card.json (repeatable)"
+    )
+    w.add_argument("--out", type=Path, required=True, help="the figure (PNG)")
     n = part("numbers", "a run's metrics and premise in one file: the docs' source of its numbers")
     n.add_argument(
         "--run", type=Path, required=True, help="the run's folder (results/<experiment>)"
@@ -167,6 +173,12 @@ def main(args: argparse.Namespace) -> None:
             sets=args.sets,
         )
         write_bytes(args.out, png(image))
+    elif args.figure == "card":
+        keys = ("per_prompt", "keys_and_maps")
+        cards = [
+            (c.parent.name, _read_json(c, "world card", "sepen toy card", keys)) for c in args.card
+        ]
+        write_bytes(args.out, card_figure(cards))
     elif args.figure == "taxonomy":
         write_bytes(args.out, taxonomy_figure(_metrics(args.metrics)))
     elif args.figure == "losses":

@@ -11,6 +11,7 @@ import numpy as np
 
 from sepen.errors import SepenError
 from sepen.report.tables import FAILURE_KINDS
+from sepen.toy.geometry import spearman
 from sepen.toy.world import Placed, render
 
 
@@ -192,3 +193,49 @@ def concepts_figure(concepts: list[str], radius: float, size: int = 32, cell: in
         caption = Image.new("RGB", (cell, label_h), "white")
         sheet.paste(_label(caption, name), (k * cell, cell))
     return sheet
+
+
+def card_figure(cards: list[tuple[str, dict]]) -> bytes:
+    """World cards side by side: each concept drawn alone (success on the card seeds, the
+    12-of-16 line), and per held-out pair its failure rate against its object tokens' key
+    cosine (the premise: pairs whose keys look alike fail)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not cards:
+        raise SepenError("no world card given: pass --card world_card.json (one per world)")
+    fig, (bars, dots) = plt.subplots(1, 2, figsize=(10, 3.4))
+    concepts = list(cards[0][1]["per_prompt"]["single"])
+    width = 0.8 / len(cards)
+    for j, (label, card) in enumerate(cards):
+        singles = card["per_prompt"]["single"]
+        x = np.arange(len(concepts)) + (j - (len(cards) - 1) / 2) * width
+        bars.bar(x, [singles.get(c, np.nan) for c in concepts], width, label=label, color=f"C{j}")
+        pairs = card["keys_and_maps"]["per_pair"]
+        cosine, failure = [p["key_cosine"] for p in pairs], [p["failure_rate"] for p in pairs]
+        rho = spearman(cosine, failure)
+        dots.scatter(
+            cosine,
+            failure,
+            s=18,
+            color=f"C{j}",
+            label=f"{label} (Spearman {rho:.2f})" if rho is not None else label,
+        )
+    bars.axhline(12 / 16, color="grey", lw=0.8, ls="--")
+    bars.set_xticks(np.arange(len(concepts)), concepts, fontsize=8)
+    bars.set_ylim(0, 1.05)
+    bars.set_ylabel("drawn alone (card seeds)", fontsize=8)
+    bars.set_title("each concept alone; dashed: 12 of 16", fontsize=9)
+    bars.legend(fontsize=7, loc="lower left")
+    dots.set_xlabel("key cosine of the pair's object tokens", fontsize=8)
+    dots.set_ylabel("held-out pair's base failure rate", fontsize=8)
+    dots.set_title("held-out pairs: alike keys fail", fontsize=9)
+    dots.set_ylim(-0.05, 1.05)
+    dots.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,5 +1,7 @@
 """`sepen report`: the table, grid, loss curves and attention maps."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -109,3 +111,31 @@ def test_attention_maps_are_diffusers_own_cross_attention_averaged_over_steps(to
     assert np.abs(maps[0] - maps[1]).max() > 1e-3  # one map per concept, not one map twice
     # the capture processors are removed afterwards: sampling works as before
     assert all(type(p).__name__ != "SepenAttnProcessor" for p in pipe.unet.attn_processors.values())
+
+
+def test_the_card_figure_draws_each_world_and_names_a_missing_card(tmp_path):
+    """`sepen report card`: the shipped world cards side by side (a PNG of both panels); a
+    missing card is named before anything is written."""
+    import io
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    out = tmp_path / "card.png"
+    cmd = [sys.executable, "-m", "sepen", "report", "card", "--out", str(out)]
+    cards = ["--card", "data/toy_base/world_card.json", "--card", "data/toy_mmdit/world_card.json"]
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(cmd + cards, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    image = np.asarray(Image.open(io.BytesIO(out.read_bytes())).convert("RGB"))
+    assert image.shape[1] > 1.5 * image.shape[0]  # two panels side by side
+    # the two worlds' colours (matplotlib's C0 blue, C1 orange) are both drawn
+    blue = ((image[..., 2] > 150) & (image[..., 0] < 60)).sum()
+    orange = ((image[..., 0] > 200) & (image[..., 1] > 100) & (image[..., 2] < 60)).sum()
+    assert blue > 500 and orange > 500
+    missing = subprocess.run(
+        cmd + ["--card", str(tmp_path / "none.json")], cwd=root, capture_output=True, text=True
+    )
+    assert missing.returncode != 0 and "none.json" in missing.stderr
+    assert "sepen toy card" in missing.stderr
