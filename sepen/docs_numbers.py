@@ -28,21 +28,40 @@ SOURCES = {
     "paper": ("data/paper.yaml", "typed from the paper's tables (a secondary transcription)"),
     "card": ("data/toy_base/world_card.json", "sepen toy card --config config/config.yaml"),
     "mmdit_card": (
-        "data/toy_mmdit_v2/world_card.json",
-        "sepen toy card --config config/toy_mmdit.yaml --model data/toy_mmdit_v2",
+        "data/toy_mmdit_v3/world_card.json",
+        "sepen toy card --config config/toy_mmdit.yaml --model data/toy_mmdit_v3",
+    ),
+    "mmdit_shift1_card": (
+        "data/toy_mmdit_v3/world_card_shift1.json",
+        "sepen toy pretrain --config config/toy_mmdit.yaml --set toy.model.flow_shift=1.0 "
+        "--out DIR --state-dir <state> --resume latest, then sepen toy card --config "
+        "config/toy_mmdit.yaml --model DIR",
     ),
     "mmdit_run": (
-        "data/toy_mmdit_v2/default_run.json",
+        "data/toy_mmdit_v3/default_run.json",
         "snakemake --cores all --configfile config/toy_mmdit.yaml, then sepen report numbers "
-        "--run results/toy_mmdit --out data/toy_mmdit_v2/default_run.json",
+        "--run results/toy_mmdit --out data/toy_mmdit_v3/default_run.json",
     ),
     "mmdit_pretrain": (
-        "data/toy_mmdit_v2/sepen_toy.json",
-        "sepen toy pretrain --config config/toy_mmdit.yaml --out data/toy_mmdit_v2",
+        "data/toy_mmdit_v3/sepen_toy.json",
+        "sepen toy pretrain --config config/toy_mmdit.yaml --out data/toy_mmdit_v3",
     ),
-    "mmdit_step8000": (
+    "mmdit_v2_card": (
+        "data/toy_mmdit_v2/world_card.json",
+        "sepen toy card --config config/toy_mmdit_v2.yaml --model data/toy_mmdit_v2",
+    ),
+    "mmdit_v2_run": (
+        "data/toy_mmdit_v2/default_run.json",
+        "snakemake --cores all --configfile config/toy_mmdit_v2.yaml, then sepen report "
+        "numbers --run results/toy_mmdit_v2 --out data/toy_mmdit_v2/default_run.json",
+    ),
+    "mmdit_v2_pretrain": (
+        "data/toy_mmdit_v2/sepen_toy.json",
+        "sepen toy pretrain --config config/toy_mmdit_v2.yaml --out data/toy_mmdit_v2",
+    ),
+    "mmdit_v2_step8000": (
         "data/toy_mmdit_v2/validation_step8000.json",
-        "sepen toy pretrain --config config/toy_mmdit.yaml --resume <state>/checkpoint-8000 "
+        "sepen toy pretrain --config config/toy_mmdit_v2.yaml --resume <state>/checkpoint-8000 "
         "--until 8000 --out DIR (its sepen_toy.json's validation)",
     ),
     "mmdit_v1_pretrain": (
@@ -164,9 +183,14 @@ def default_run_table(sources: Sources) -> str:
 
 
 def card_criteria_table(sources: Sources) -> str:
-    """The toy MMDiT's world card criteria beside the first toy MMDiT's: each value and
-    whether it holds (the cards' own `criteria`)."""
-    cards = [("toy MMDiT", sources["mmdit_card"]), ("first toy MMDiT", sources["mmdit_v1_card"])]
+    """The toy MMDiT's world card criteria beside the same model sampled at shift 1 and the
+    earlier toy MMDiTs': each value and whether it holds (the cards' own `criteria`)."""
+    cards = [
+        ("toy MMDiT", sources["mmdit_card"]),
+        ("same, shift 1", sources["mmdit_shift1_card"]),
+        ("second toy MMDiT", sources["mmdit_v2_card"]),
+        ("first toy MMDiT", sources["mmdit_v1_card"]),
+    ]
     names = list(dict.fromkeys(n for _, card in cards for n in card["criteria"]))
     lines = [
         "| criterion | " + " | ".join(label for label, _ in cards) + " |",
@@ -221,6 +245,7 @@ TABLES = {
     "default_run": default_run_table,
     "card_criteria": card_criteria_table,
     "mmdit_run": lambda sources: run_table(sources["mmdit_run"]),
+    "mmdit_v2_run": lambda sources: run_table(sources["mmdit_v2_run"]),
 }
 
 

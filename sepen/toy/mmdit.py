@@ -72,7 +72,9 @@ def build_toy_mmdit_pipeline(m: dict, seed: int = 0):
     vae = build_toy_vae(m, shift_factor=0.0)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=m.get("flow_shift", 1.0)
+        ),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

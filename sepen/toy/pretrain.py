@@ -261,6 +261,9 @@ def world_settings(toy: dict) -> dict:
     else:  # likewise: the first toy MMDiT's (2x2 patches, no QK norm) predate these keys
         legacy = {"patch_size": 2, "qk_norm": None}
         out["model"] = {k: v for k, v in out["model"].items() if k not in legacy or v != legacy[k]}
+    # the sampling schedule's shift is saved in the model's scheduler config; training does not
+    # read it, so a checkpoint serves any shift
+    out["model"] = {k: v for k, v in out["model"].items() if k != "flow_shift"}
     run_only = ("run", "checkpointing_steps", "checkpoints_total_limit")
     out["pretrain"] = {k: v for k, v in toy["pretrain"].items() if k not in run_only}
     if out["pretrain"].get("grounding_images") == "all":  # likewise

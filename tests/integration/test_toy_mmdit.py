@@ -44,6 +44,27 @@ def test_pretraining_encodes_prompts_exactly_as_the_sd3_pipeline_samples_them():
     assert torch.count_nonzero(emb[:, 16:]) == 0  # the T5 part: zeros of the CLIP length
 
 
+def test_the_flow_shift_is_the_saved_schedulers_and_a_checkpoint_serves_any_shift(tmp_path, caplog):
+    """toy.model.flow_shift goes into the model's scheduler config (the sampling schedule);
+    pretraining does not read it, so a checkpoint of shift 1 writes the model of shift 3."""
+    config = mmdit_config(steps=2, every=2)
+    state = tmp_path / "s"
+    pretrain(config, tmp_path / "one", progress=False, state_dir=state)
+    shifted = copy.deepcopy(config)
+    shifted["toy"]["model"]["flow_shift"] = 3.0
+    with caplog.at_level("INFO", logger="sepen.toy.pretrain"):
+        pretrain(shifted, tmp_path / "three", progress=False, state_dir=state, resume="latest")
+    assert "resuming from" in caplog.text and "checkpoint-2" in caplog.text
+    one, three = load_pipeline(tmp_path / "one"), load_pipeline(tmp_path / "three")
+    assert (one.scheduler.config.shift, three.scheduler.config.shift) == (1.0, 3.0)
+    part = PARTS[0]
+    a, b = load_file(str(tmp_path / "one" / part)), load_file(str(tmp_path / "three" / part))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the checkpoint's weights, not retrained
+    one.scheduler.set_timesteps(4)
+    three.scheduler.set_timesteps(4)
+    assert (three.scheduler.sigmas[1:-1] > one.scheduler.sigmas[1:-1]).all()  # more at high noise
+
+
 def test_a_stopped_mmdit_pretraining_resumed_equals_an_uninterrupted_run(tmp_path):
     config = mmdit_config()
     pretrain(config, tmp_path / "full", progress=False)
