@@ -94,11 +94,12 @@ def test_a_finetune_job_across_nodes_asks_per_node_for_gpus_and_tasks(worlds):
 
 
 def test_a_cpu_rule_asks_for_its_threads(worlds):
-    """The toy world's finetuning runs on CPUs: its job asks for the rule's 2 threads."""
+    """A CPU rule asks for its threads and memory; the toy world's finetuning runs on CPUs: its
+    job asks for the rule's 2 threads, with the profile's finetuning memory and time."""
     request = sbatch_request(worlds, "results/smoke/concepts.json", SMOKE)
     assert request["--cpus-per-task"] == "1" and request["--ntasks"] == "1"
     assert request["--mem"] == "1000" and "--gpus" not in request  # the rule's own
     run(["snakemake", "results/smoke/prompts.json", "--cores", "1", "--configfile", SMOKE], worlds)
     request = sbatch_request(worlds, "results/smoke/models/joint.safetensors", SMOKE)
     assert request["--cpus-per-task"] == "2" and "--gpus" not in request
-    assert request["--mem"] == "8000" and request["-t"] == "60"
+    assert request["--mem"] == "32000" and request["-t"] == "480"  # the profile's finetune
