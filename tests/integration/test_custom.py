@@ -480,6 +480,11 @@ def test_readme_fix_my_prompt_commands_run_on_the_tiny_model(tmp_path, tiny_mode
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     python = python.replace("CompVis/stable-diffusion-v1-4", str(tiny_model))
+    import torch
+
+    if not torch.cuda.is_available():  # the snippet draws on a GPU; here on the CPU
+        assert '.to("cuda")' in python
+        python = python.replace('.to("cuda")', "")
     proc = subprocess.run(
         ["python", "-c", python], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
@@ -487,7 +492,6 @@ def test_readme_fix_my_prompt_commands_run_on_the_tiny_model(tmp_path, tiny_mode
     # step 2 drew the prompt with the fix: its images differ from the base model's on the same
     # seeds and settings; step 3's LoRA, loaded by diffusers, draws step 2's seed-0 image
     import numpy as np
-    import torch
     from PIL import Image
 
     from sepen.models import load_pipeline
