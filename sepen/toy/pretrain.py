@@ -310,7 +310,9 @@ def start_from(pipe, folder: str | Path) -> None:
     pipe.vae.eval().requires_grad_(False)
 
 
-def _write_model(pipe, toy: dict, config: dict, run: Run, out: Path, until: int) -> dict:
+def _write_model(
+    pipe, toy: dict, config: dict, run: Run, out: Path, until: int, init: dict | None
+) -> dict:
     """Save the pipeline and its summary (with validation numbers) to `out`, atomically."""
     pre = toy["pretrain"]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -326,8 +328,8 @@ def _write_model(pipe, toy: dict, config: dict, run: Run, out: Path, until: int)
             "step": until,
             "config": world_settings(toy),
         }
-        if pre.get("init"):  # the steps before this run's
-            summary["init_step"] = read_init(summary["config"])["step"]
+        if init is not None:  # the steps before this run's
+            summary["init_step"] = init["step"]
         if pre["validation_images"]:
             summary["validation"] = validate(
                 pipe, toy, config["sampling"], pre["validation_images"]
@@ -426,4 +428,4 @@ def pretrain(
     if stop_after is not None and stop < until:
         log.info("stopped after step %d (--stop-after); the model is not written", stop)
         return None
-    return _write_model(pipe, toy, config, run, out, until)
+    return _write_model(pipe, toy, config, run, out, until, init)

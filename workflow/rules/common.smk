@@ -36,6 +36,7 @@ CONDA_ENV = "../envs/sepen.yaml"
 GPU = 0 if TOY else 1
 # nodes of a finetuning job (above 1: one SLURM allocation, srun tasks; docs/cluster.md)
 NODES = CFG["finetune"]["nodes"]
+PER_NODE = CFG["finetune"]["processes"] or 1  # processes (GPUs) per node of a finetuning job
 
 
 wildcard_constraints:
@@ -128,17 +129,16 @@ def finetune_resources():
     else one); with finetune.nodes > 1 an allocation of nodes x processes tasks in the SLURM
     plugin's MPI mode (the rule runs srun), GPUs asked per node (gres), none per task.
     """
-    per_node = CFG["finetune"]["processes"] or 1
     res = {
         "mem_mb": 8000 if TOY else 24000,
         "runtime": 60 if TOY else 240,
-        "gpu": GPU * per_node,
+        "gpu": GPU * PER_NODE,
     }
     if NODES > 1:
         res.update(nodes=NODES, mpi="srun")  # the plugin forbids tasks_per_node=1
-        res.update({"tasks_per_node": per_node} if per_node > 1 else {"tasks": NODES})
+        res.update({"tasks_per_node": PER_NODE} if PER_NODE > 1 else {"tasks": NODES})
         if GPU:
-            res.update(gres=f"gpu:{per_node}", gpu=0, tasks_per_gpu=0)
+            res.update(gres=f"gpu:{PER_NODE}", gpu=0, tasks_per_gpu=0)
     return res
 
 
@@ -149,12 +149,11 @@ def finetune_launcher(wildcards, resources, threads):
     """
     if NODES > 1:
         cpu = "" if GPU else " --cpu"
-        per_node = CFG["finetune"]["processes"] or 1
         cpus = resources.get("cpus_per_gpu") if GPU else resources.get("cpus_per_task")
         cpus = cpus if isinstance(cpus, int) and cpus > 0 else threads
-        gres = f" --gres=gpu:{per_node}" if GPU else ""
+        gres = f" --gres=gpu:{PER_NODE}" if GPU else ""
         return (
-            f"srun --nodes {NODES} --ntasks {NODES * per_node} --ntasks-per-node {per_node}"
+            f"srun --nodes {NODES} --ntasks {NODES * PER_NODE} --ntasks-per-node {PER_NODE}"
             f" --cpus-per-task {cpus}{gres} --kill-on-bad-exit=1 --label"
             f" python -m sepen finetune{cpu}"
         )
