@@ -36,7 +36,8 @@ CONDA_ENV = "../envs/sepen.yaml"
 GPU = 0 if TOY else 1
 # nodes of a finetuning job (above 1: one SLURM allocation, srun tasks; docs/cluster.md)
 NODES = CFG["finetune"]["nodes"]
-PER_NODE = CFG["finetune"]["processes"] or 1  # processes (GPUs) per node of a finetuning job
+# processes (GPUs) per node of a finetuning job
+PER_NODE = CFG["finetune"]["processes"] or 1
 
 
 wildcard_constraints:
