@@ -37,6 +37,7 @@ COMMANDS = {
 TOY_COMMANDS = {
     "pretrain": ("sepen.cli.toy.pretrain", "train the toy base model (resumable)"),
     "card": ("sepen.cli.toy.card", "the world card of a toy base model"),
+    "sweep": ("sepen.cli.toy.sweep", "a toy base model at other sampling settings (card seeds)"),
     "evaluate": ("sepen.cli.toy.evaluate", "exact-detector metrics of a base model and a delta"),
     "premise": ("sepen.cli.toy.premise", "attention on each object, and SepEn's values vs failure"),
     "study": ("sepen.cli.toy.study", "a settings study: base vs SepEn per settings cell"),

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 
 from sepen.attention import captured_layers, cross_attention_factors, install_capture
-from sepen.errors import ConceptNotFoundError
+from sepen.errors import ConceptNotFoundError, ConfigError
 from sepen.joint_attention import (
     captured_blocks,
     install_joint_capture,
@@ -93,6 +93,7 @@ def install(model, ft: dict, latent_side: int, detach_start_token: bool = True):
             latent_side,
             ft.get("joint_maps", "joint"),
             detach_start_token=None if detach_start_token else False,
+            image_queries_only=ft.get("key_scope") == "image_queries",
         )
     return install_capture(model, ft["resolutions"], latent_side, detach_start_token)
 
@@ -113,6 +114,12 @@ def capturing(model, capture: dict, latent_side: int, detach_start_token: bool =
 
 def check_capture(model, ft: dict, latent_side: int) -> list[str]:
     """The layers a `finetune` section captures; an error naming the bad setting if none."""
+    if ft.get("key_scope") == "image_queries" and ft.get("trainable") == "to_k+to_v":
+        raise ConfigError(
+            "finetune.key_scope: image_queries keeps the text queries on the base model's keys, "
+            "but finetune.trainable: to_k+to_v also trains the values every query reads: use "
+            "trainable to_k or lora with it, or key_scope: all"
+        )
     if is_joint(model):
         return captured_blocks(model, ft.get("blocks"))
     return captured_layers(model, ft["resolutions"], latent_side)

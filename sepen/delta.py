@@ -18,6 +18,7 @@ from safetensors.torch import save
 from sepen.architecture import denoiser_of
 from sepen.atomic import atomic_path
 from sepen.errors import DeltaError
+from sepen.joint_attention import is_joint, serve_image_queries_only
 
 FORMAT = "sepen-delta"
 VERSION = "1"
@@ -126,7 +127,9 @@ def apply_delta(pipeline, path: str | Path) -> dict[str, str]:
     delta's metadata.
 
     Every tensor is checked against the denoiser before anything is changed, so a delta for
-    another base model or architecture raises DeltaError and leaves the pipeline untouched.
+    another base model or architecture raises DeltaError and leaves the pipeline untouched. A
+    delta trained with `finetune.key_scope: image_queries` first gives an MMDiT's text queries
+    a frozen copy of the text keys as they are (the base model's), as in its training.
     """
     tensors, metadata = read_delta(path)
     unet = denoiser_of(pipeline)
@@ -173,10 +176,18 @@ def apply_delta(pipeline, path: str | Path) -> dict[str, str]:
                     )
                 )
             updates[name] = value
+    if is_joint(unet):  # the text queries' keys: the base model's, or the delta's
+        serve_image_queries_only(unet, key_scope(metadata) == "image_queries")
     with torch.no_grad():
         for name, value in updates.items():
             params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))
     return metadata
+
+
+def key_scope(metadata: dict) -> str:
+    """Which queries a delta's keys serve (`finetune.key_scope`; deltas before it: all)."""
+    config = json.loads(metadata.get("config") or "{}")
+    return config.get("finetune", {}).get("key_scope", "all")
 
 
 def same_model(a: str, b: str) -> bool:

@@ -28,23 +28,59 @@ SOURCES = {
     "paper": ("data/paper.yaml", "typed from the paper's tables (a secondary transcription)"),
     "card": ("data/toy_base/world_card.json", "sepen toy card --config config/config.yaml"),
     "mmdit_card": (
-        "data/toy_mmdit_v3/world_card.json",
-        "sepen toy card --config config/toy_mmdit.yaml --model data/toy_mmdit_v3",
-    ),
-    "mmdit_shift1_card": (
-        "data/toy_mmdit_v3/world_card_shift1.json",
-        "sepen toy pretrain --config config/toy_mmdit.yaml --set toy.model.flow_shift=1.0 "
-        "--out DIR --state-dir <state> --resume latest, then sepen toy card --config "
-        "config/toy_mmdit.yaml --model DIR",
+        "data/toy_mmdit_v4/world_card.json",
+        "sepen toy card --config config/toy_mmdit.yaml --model data/toy_mmdit_v4",
     ),
     "mmdit_run": (
-        "data/toy_mmdit_v3/default_run.json",
+        "data/toy_mmdit_v4/default_run.json",
         "snakemake --cores all --configfile config/toy_mmdit.yaml, then sepen report numbers "
-        "--run results/toy_mmdit --out data/toy_mmdit_v3/default_run.json",
+        "--run results/toy_mmdit --out data/toy_mmdit_v4/default_run.json",
     ),
+    "mmdit_image_queries_run": (
+        "data/toy_mmdit_v4/image_queries_run.json",
+        "snakemake --cores all --configfile config/toy_mmdit_image_queries.yaml, then sepen "
+        "report numbers --run results/toy_mmdit_image_queries "
+        "--out data/toy_mmdit_v4/image_queries_run.json",
+    ),
+    "mmdit_sweep": (
+        "data/toy_mmdit_v4/sampling_sweep.json",
+        "sepen toy sweep --config config/toy_mmdit.yaml --model data/toy_mmdit_v4 --try "
+        "steps=40 --try shift=5 --try guidance=3 --try guidance=1.75 --try guidance=1.5 "
+        "--try guidance=1.25 --out data/toy_mmdit_v4/sampling_sweep.json",
+    ),
+    **{
+        f"mmdit_diagnose_{pair}{suffix}": (
+            f"data/toy_mmdit_v4/diagnose/{pair}{suffix}.json",
+            f"sepen toy diagnose --config config/{config}.yaml --model data/toy_mmdit_v4 "
+            f"--delta results/{config}/models/{pair}_<hash>.safetensors --concepts "
+            f"{pair.replace('_', ' ')} --images 8 "
+            f"--out data/toy_mmdit_v4/diagnose/{pair}{suffix}.json",
+        )
+        for pair in ("square_cross", "diamond_ring")
+        for suffix, config in (("", "toy_mmdit"), ("_image_queries", "toy_mmdit_image_queries"))
+    },
     "mmdit_pretrain": (
+        "data/toy_mmdit_v4/sepen_toy.json",
+        "sepen toy pretrain --config config/toy_mmdit.yaml --out data/toy_mmdit_v4",
+    ),
+    "mmdit_v3_card": (
+        "data/toy_mmdit_v3/world_card.json",
+        "sepen toy card --config config/toy_mmdit_v3.yaml --model data/toy_mmdit_v3",
+    ),
+    "mmdit_v3_shift1_card": (
+        "data/toy_mmdit_v3/world_card_shift1.json",
+        "sepen toy pretrain --config config/toy_mmdit_v3.yaml --set toy.model.flow_shift=1.0 "
+        "--out DIR --state-dir <state> --resume latest, then sepen toy card --config "
+        "config/toy_mmdit_v3.yaml --model DIR",
+    ),
+    "mmdit_v3_run": (
+        "data/toy_mmdit_v3/default_run.json",
+        "snakemake --cores all --configfile config/toy_mmdit_v3.yaml, then sepen report "
+        "numbers --run results/toy_mmdit_v3 --out data/toy_mmdit_v3/default_run.json",
+    ),
+    "mmdit_v3_pretrain": (
         "data/toy_mmdit_v3/sepen_toy.json",
-        "sepen toy pretrain --config config/toy_mmdit.yaml --out data/toy_mmdit_v3",
+        "sepen toy pretrain --config config/toy_mmdit_v3.yaml --out data/toy_mmdit_v3",
     ),
     "mmdit_v2_card": (
         "data/toy_mmdit_v2/world_card.json",
@@ -183,11 +219,12 @@ def default_run_table(sources: Sources) -> str:
 
 
 def card_criteria_table(sources: Sources) -> str:
-    """The toy MMDiT's world card criteria beside the same model sampled at shift 1 and the
-    earlier toy MMDiTs': each value and whether it holds (the cards' own `criteria`)."""
+    """The toy MMDiT's world card criteria beside the earlier toy MMDiTs' (the third also
+    sampled at shift 1): each value and whether it holds (the cards' own `criteria`)."""
     cards = [
         ("toy MMDiT", sources["mmdit_card"]),
-        ("same, shift 1", sources["mmdit_shift1_card"]),
+        ("third toy MMDiT", sources["mmdit_v3_card"]),
+        ("third, shift 1", sources["mmdit_v3_shift1_card"]),
         ("second toy MMDiT", sources["mmdit_v2_card"]),
         ("first toy MMDiT", sources["mmdit_v1_card"]),
     ]
@@ -228,6 +265,44 @@ def run_table(run: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_table(sweep: dict) -> str:
+    """A toy model at several sampling settings on the card seeds (`sepen toy sweep`)."""
+    lines = [
+        "| guidance | shift | steps | single objects (weakest concept) | held-out pairs "
+        "| failing objects missing or merged |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in sweep["settings"]:
+        s = row["setting"]
+        share = row["failing_objects"]["missing_or_merged_share"]
+        lines.append(
+            f"| {s['guidance']:g} | {s.get('shift', '-')} | {s['steps']} "
+            f"| {format_value(row['single'])} ({row['weakest_single']:.2f}) "
+            f"| {format_value(row['held_out_pairs'])} "
+            f"| {'-' if share is None else format(share, '.2f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def stream_table(sources: Sources, pairs=("square_cross", "diamond_ring")) -> str:
+    """Per joint block, how much one pair model's delta changes the block's text-stream and
+    image-stream outputs (`sepen toy diagnose`'s stream_change), with the trained keys read by
+    every query and by the image queries only."""
+    head, rule, cells = ["block"], ["---"], {}
+    for pair in pairs:
+        for suffix, label in (("", "all queries"), ("_image_queries", "image queries only")):
+            change = sources[f"mmdit_diagnose_{pair}{suffix}"]["stream_change"]
+            for stream in ("text", "image"):
+                head.append(f"{pair.replace('_', ' + ')}, {label}: {stream}")
+                rule.append("---")
+                for block, row in change.items():
+                    value = row[f"{stream}_stream"]
+                    cells.setdefault(block, []).append("-" if value is None else f"{value:.3f}")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
+    lines += [f"| {block} | " + " | ".join(row) + " |" for block, row in cells.items()]
+    return "\n".join(lines) + "\n"
+
+
 def card_pairs_table(card: dict) -> str:
     """Per held-out pair on the card seeds: the object tokens' key cosine and map overlap, and
     how often the base model fails (the premise: similar keys and overlapping maps fail)."""
@@ -245,6 +320,10 @@ TABLES = {
     "default_run": default_run_table,
     "card_criteria": card_criteria_table,
     "mmdit_run": lambda sources: run_table(sources["mmdit_run"]),
+    "mmdit_sweep": lambda sources: sweep_table(sources["mmdit_sweep"]),
+    "mmdit_stream_change": stream_table,
+    "mmdit_image_queries_run": lambda sources: run_table(sources["mmdit_image_queries_run"]),
+    "mmdit_v3_run": lambda sources: run_table(sources["mmdit_v3_run"]),
     "mmdit_v2_run": lambda sources: run_table(sources["mmdit_v2_run"]),
 }
 

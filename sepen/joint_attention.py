@@ -59,6 +59,10 @@ class JointCaptureProcessor:
     `text_first` selects FLUX.1's layout (and its processor's signature: RoPE); otherwise
     SD3's. `detach_start_token` detaches the key and value of text position 0 (CLIP's start
     token, SD3), which thus stays fixed during finetuning, as in the UNet (docs/method.md).
+    `text_query_keys`: (weight, bias) of a frozen text-key projection that the text queries
+    read instead of `add_k_proj` (`finetune.key_scope: image_queries`): the image queries read
+    the trained text keys, the text queries the base model's, so the text stream is the base
+    model's (a diagnostic; such a delta is no plain LoRA on add_k_proj).
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class JointCaptureProcessor:
         text_first: bool,
         detach_start_token: bool = False,
         bias=None,
+        text_query_keys: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> None:
         self.name = name
         self.store = store
@@ -76,6 +81,7 @@ class JointCaptureProcessor:
         self.text_first = text_first
         self.detach_start_token = detach_start_token
         self.bias = bias  # bias(side, tokens) -> (side * side, tokens): the card's steering
+        self.text_query_keys = text_query_keys
 
     @property
     def captures(self) -> bool:
@@ -107,13 +113,22 @@ class JointCaptureProcessor:
             (text_v, None),
         ]
         q, k, v, tq, tk, tv = [self._heads(x, heads, norm) for x, norm in parts]
-        first, second = ((tq, tk, tv), (q, k, v)) if self.text_first else ((q, k, v), (tq, tk, tv))
-        query, key, value = (torch.cat([a, b], 2) for a, b in zip(first, second))
+        query, key, value = self._joined((q, k, v), (tq, tk, tv))
+        base_key = None
+        if self.text_query_keys is not None:
+            weight, bias = self.text_query_keys
+            like = encoder_hidden_states
+            base = F.linear(
+                like, weight.to(like.device, like.dtype), None if bias is None else bias.to(like)
+            )
+            base_key = self._joined((k,), (self._heads(base, heads, attn.norm_added_k),))[0]
         if image_rotary_emb is not None:
             from diffusers.models.embeddings import apply_rotary_emb
 
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=2)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=2)
+            if base_key is not None:
+                base_key = apply_rotary_emb(base_key, image_rotary_emb, sequence_dim=2)
         mask = attention_mask if self.text_first else None  # SD3's processor ignores masks
         n_text = tk.shape[2]
         if self.bias is not None:
@@ -122,6 +137,14 @@ class JointCaptureProcessor:
             out = self._capture(query, key, value, mask, length, n_text)
         else:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+        if base_key is not None:  # the text queries' rows again, on the base model's text keys
+            rows = slice(0, n_text) if self.text_first else slice(length, length + n_text)
+            if mask is not None and mask.dim() == 4 and mask.shape[-2] == query.shape[2]:
+                mask = mask[:, :, rows]
+            text_rows = F.scaled_dot_product_attention(
+                query[:, :, rows], base_key, value, attn_mask=mask
+            )
+            out = torch.cat([out[:, :, : rows.start], text_rows, out[:, :, rows.stop :]], 2)
         out = out.transpose(1, 2).reshape(batch, -1, heads * out.shape[-1]).to(query.dtype)
         if self.text_first:
             text_out, image_out = out[:, :n_text], out[:, n_text:]
@@ -145,6 +168,11 @@ class JointCaptureProcessor:
         cols = slice(0, n_text) if self.text_first else slice(length, total)
         steer[query.shape[0] // 2 :, 0, rows, cols] = bias
         return steer
+
+    def _joined(self, image: tuple, text: tuple) -> tuple:
+        """Image and text parts (B, heads, S, D) side by side in the model's token order."""
+        first, second = (text, image) if self.text_first else (image, text)
+        return tuple(torch.cat([a, b], 2) for a, b in zip(first, second))
 
     @staticmethod
     def _heads(x: torch.Tensor, heads: int, norm) -> torch.Tensor:
@@ -210,12 +238,15 @@ def install_joint_capture(
     latent_side: int | None = None,
     maps: str = "joint",
     detach_start_token: bool | None = None,
+    image_queries_only: bool = False,
 ) -> AttentionStore:
     """Set `JointCaptureProcessor` on every joint block; capture those of `blocks`.
 
     `latent_side`: the side of the (unpacked) latents; `maps`: "joint" keeps the joint
-    softmax's probabilities, "text" renormalises them over the text tokens. Returns the store;
-    `restore_processors(model, store)` puts the previous processors back.
+    softmax's probabilities, "text" renormalises them over the text tokens;
+    `image_queries_only`: the text queries read a frozen copy of the text keys as they are now
+    (`finetune.key_scope: image_queries`; otherwise a replaced processor's copy is kept).
+    Returns the store; `restore_processors(model, store)` puts the previous processors back.
     """
     if maps not in MAPS:
         raise ResolutionError(f"joint attention maps {maps!r} are not one of {MAPS}")
@@ -227,11 +258,45 @@ def install_joint_capture(
     detach = (not flux) if detach_start_token is None else detach_start_token
     modules = dict(model.named_modules())
     for name in joint_layers(model):
-        store.previous[name] = modules[name].processor
+        previous = store.previous[name] = modules[name].processor
+        keys = _base_text_keys(modules[name]) if image_queries_only else _kept(previous)
         modules[name].set_processor(
-            JointCaptureProcessor(name, store if name in captured else None, factor, flux, detach)
+            JointCaptureProcessor(
+                name, store if name in captured else None, factor, flux, detach, None, keys
+            )
         )
     return store
+
+
+def _base_text_keys(attn) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A frozen copy of a joint block's text-key projection as it is now."""
+    proj = attn.add_k_proj
+    proj = getattr(proj, "base_layer", proj)  # a PEFT LoRA layer: its frozen base
+    bias = None if proj.bias is None else proj.bias.detach().clone()
+    return proj.weight.detach().clone(), bias
+
+
+def _kept(previous):
+    """The text queries' frozen keys of a replaced processor (None if it has none), so that a
+    capture or a steering installed later keeps `finetune.key_scope: image_queries`."""
+    return getattr(previous, "text_query_keys", None)
+
+
+def serve_image_queries_only(model, on: bool = True) -> None:
+    """With `on`, the text queries of every joint block read from now on a frozen copy of the
+    text keys as they are now, so a delta applied afterwards changes what the image queries
+    read only (`finetune.key_scope: image_queries`); without, they read `add_k_proj` again."""
+    factor, flux = patch_factor(model), text_first(model)
+    modules = dict(model.named_modules())
+    for name in joint_layers(model):
+        attn = modules[name]
+        keys = _base_text_keys(attn) if on else None
+        if isinstance(attn.processor, JointCaptureProcessor):
+            attn.processor.text_query_keys = keys
+        elif on:
+            attn.set_processor(
+                JointCaptureProcessor(name, None, factor, flux, text_query_keys=keys)
+            )
 
 
 def steer_joint(model, bias) -> AttentionStore:
@@ -240,8 +305,12 @@ def steer_joint(model, bias) -> AttentionStore:
     factor, flux = patch_factor(model), text_first(model)
     modules = dict(model.named_modules())
     for name in joint_layers(model):
-        store.previous[name] = modules[name].processor
-        modules[name].set_processor(JointCaptureProcessor(name, None, factor, flux, bias=bias))
+        previous = store.previous[name] = modules[name].processor
+        modules[name].set_processor(
+            JointCaptureProcessor(
+                name, None, factor, flux, bias=bias, text_query_keys=_kept(previous)
+            )
+        )
     return store
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from sepen.delta import check_base_model, read_delta, write_safetensors
+from sepen.delta import check_base_model, key_scope, read_delta, write_safetensors
 from sepen.errors import SepenError
 from sepen.models.loading import load_unet
 
@@ -204,6 +204,13 @@ def export_lora(
     check_format(fmt, "UNet2DConditionModel")
     if rank != FULL and rank is not None and (not isinstance(rank, int) or rank < 1):
         raise SepenError(f"rank {rank!r} must be a number of at least 1 or {FULL!r}")
+    if key_scope(read_delta(delta)[1]) == "image_queries":
+        raise SepenError(
+            f"delta {str(delta)!r} was trained with finetune.key_scope: image_queries: its keys "
+            "serve the image queries only, and a LoRA on add_k_proj changes the text queries' "
+            "keys too, so no LoRA file draws what it draws; finetune with key_scope: all to "
+            "export one"
+        )
     changes, meta, lora_rank = weight_changes(delta, model)
     architecture = meta.get("architecture", "UNet2DConditionModel")
     check_format(fmt, architecture)

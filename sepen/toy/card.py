@@ -34,8 +34,10 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 
 import numpy as np
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from sepen.architecture import denoiser_of, family, text_positions
+from sepen.errors import SepenError
 from sepen.joint_attention import is_joint
 from sepen.models import load_pipeline
 from sepen.sampling import sample_with_maps
@@ -73,6 +75,97 @@ def _success(rows) -> list[float]:
 
 def _pair_key(pair) -> str:
     return " + ".join(pair)
+
+
+SWEEP_KEYS = ("guidance", "shift", "steps")
+
+
+def parse_setting(text: str) -> dict:
+    """One sampling setting of `sepen toy sweep --try`: 'guidance=1.5,steps=40' -> a dict."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        key = key.strip()
+        if key not in SWEEP_KEYS or not value:
+            raise SepenError(
+                f"--try {text!r}: {part!r} is not KEY=VALUE with KEY one of {list(SWEEP_KEYS)} "
+                "(e.g. --try guidance=1.5,steps=40)"
+            )
+        try:
+            number = int(value) if key == "steps" else float(value)
+        except ValueError as err:
+            raise SepenError(f"--try {text!r}: {key} = {value!r} is not a number") from err
+        if number <= 0:
+            raise SepenError(f"--try {text!r}: {key} = {value!r} must be above 0")
+        out[key] = number
+    if not out:
+        raise SepenError(f"--try {text!r} sets nothing: give e.g. guidance=1.5")
+    return out
+
+
+def sampling_sweep(config: dict, model: str, settings: Sequence[dict]) -> dict:
+    """Single objects and held-out pairs on the card seeds at other sampling settings of the
+    same weights: per setting (guidance, shift, steps; each key left out is the config's, the
+    first setting is the config's own) the success rates, the weakest concept alone and the
+    held-out pairs' failing objects by kind. A shift needs a flow-matching model."""
+    toy = prepare_world(config)
+    cc, sp = toy["card"], config["sampling"]
+    seeds = seed_range(cc["seed"], cc["images_per_prompt"])
+    pipe = load_pipeline(model)
+    flow = isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    own = {"guidance": float(sp["guidance_scale"]), "steps": int(sp["steps"])}
+    if flow:
+        own["shift"] = float(pipe.scheduler.config.shift)
+    elif any("shift" in s for s in settings):
+        raise SepenError(
+            f"{model}: a shift is a flow-matching sampler's setting; this model samples with "
+            f"{type(pipe.scheduler).__name__}: leave shift out"
+        )
+    scheduler_config = dict(pipe.scheduler.config)
+    kinds = prompt_kinds(toy)
+    rows = []
+    for setting in [own] + [{**own, **s} for s in settings]:
+        if flow:
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+                scheduler_config, shift=setting["shift"]
+            )
+        row: dict = {"setting": setting}
+        for kind in ("single", "held_out_pairs"):
+            options = kinds[kind]
+            named = [list(c) for c in options for _ in seeds]
+            ims = generate(
+                pipe,
+                [prompt_for(c) for c in options for _ in seeds],
+                [s for _ in options for s in seeds],
+                setting["steps"],
+                setting["guidance"],
+                sp["batch_size"],
+            )
+            success = _success(image_scores(ims, named))
+            row[kind] = bootstrap_ci(success)
+            if kind == "single":
+                n = len(seeds)
+                row["weakest_single"] = min(
+                    float(np.mean(success[i * n : (i + 1) * n])) for i in range(len(options))
+                )
+            else:
+                failing = failing_objects(ims, named)
+                total = sum(failing.values())
+                row["failing_objects"] = {
+                    "counts": failing,
+                    "missing_or_merged_share": (failing["missing"] + failing["merged"]) / total
+                    if total
+                    else None,
+                }
+        log.info(
+            "sweep %s: singles %.3f (weakest %.2f), held-out pairs %.3f",
+            setting,
+            row["single"]["mean"],
+            row["weakest_single"],
+            row["held_out_pairs"]["mean"],
+        )
+        rows.append(row)
+    return {"model": str(model), "seeds": [seeds[0], seeds[-1]], "settings": rows}
 
 
 def card(config: dict, model: str, progress: bool = True) -> dict:

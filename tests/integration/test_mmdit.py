@@ -166,22 +166,82 @@ def test_flow_matching_noise_follows_the_schedulers_sigmas(pipes):
     torch.testing.assert_close(t, noiser.scheduler.timesteps[[0, 999]])
 
 
-def _perturbed_delta(path, model_dir, seed=0):
+def _perturbed_delta(path, model_dir, seed=0, key_scope=None):
     """A delta of randomly changed text keys (what finetuning writes), and its tensors."""
     pipe = load_pipeline(model_dir)
     model = pipe.transformer
-    store = install(model, {"blocks": None}, 16)
-    restore_processors(model, store)
+    store = install(model, {"blocks": None, "key_scope": key_scope}, 16)
+    if key_scope is None:  # image_queries: the text queries keep the keys of this moment
+        restore_processors(model, store)
+    store.enabled = False
     params = prepare_trainable(model, trainable_layers(model, store.captured, True), "to_k")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in params.values():
             p.add_(0.2 * torch.randn(p.shape, generator=g))
+    config = {} if key_scope is None else {"finetune": {"key_scope": key_scope}}
     save_delta(
         path, unet_delta_tensors(model, "to_k"), base_model=str(model_dir), revision=None,
-        trainable="to_k", config={}, architecture=type(model).__name__,
+        trainable="to_k", config=config, architecture=type(model).__name__,
     )  # fmt: skip
     return pipe
+
+
+def _first_block_streams(pipe):
+    """The first joint block's (text-stream, image-stream) outputs on fixed inputs."""
+    kept = {}
+    hook = pipe.transformer.transformer_blocks[0].register_forward_hook(
+        lambda module, args, out: kept.update(text=out[0], image=out[1])
+    )
+    try:
+        with torch.no_grad():
+            Denoiser(pipe.transformer)(*_call_inputs(pipe))
+    finally:
+        hook.remove()
+    return kept["text"], kept["image"]
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_keys_for_the_image_queries_only_keep_the_text_stream(tiny_mmdit_models, tmp_path, kind):
+    model_dir = tiny_mmdit_models[kind]
+    plain, only = tmp_path / "plain.safetensors", tmp_path / "image_queries.safetensors"
+    _perturbed_delta(plain, model_dir)
+    trained = _perturbed_delta(only, model_dir, key_scope="image_queries")  # as in training
+    base_text, base_image = _first_block_streams(load_pipeline(model_dir))
+    changed = load_pipeline(model_dir)
+    apply_delta(changed, plain)
+    plain_text, plain_image = _first_block_streams(changed)
+    assert (plain_text - base_text).abs().max() > 1e-3  # a key change rewrites the text stream
+    for pipe in (trained, load_pipeline(model_dir)):
+        if pipe is not trained:
+            apply_delta(pipe, only)
+        text, image = _first_block_streams(pipe)
+        torch.testing.assert_close(text, base_text, rtol=0, atol=1e-5)
+        torch.testing.assert_close(image, plain_image, rtol=0, atol=1e-5)
+    store = install_joint_capture(pipe.transformer, None, 16)  # a capture keeps the scope
+    text, _ = _first_block_streams(pipe)
+    restore_processors(pipe.transformer, store)
+    torch.testing.assert_close(text, base_text, rtol=0, atol=1e-5)
+    apply_delta(pipe, plain)  # a plain delta on the same pipeline: every query reads its keys
+    torch.testing.assert_close(_first_block_streams(pipe)[0], plain_text, rtol=0, atol=1e-5)
+
+
+def test_keys_for_the_image_queries_only_export_no_lora_and_train_no_values(
+    tiny_mmdit_models, tmp_path
+):
+    from sepen.architecture import check_capture
+    from sepen.errors import ConfigError, SepenError
+    from sepen.lora import export_lora
+
+    delta, lora = tmp_path / "delta.safetensors", tmp_path / "lora.safetensors"
+    _perturbed_delta(delta, tiny_mmdit_models["sd3"], key_scope="image_queries")
+    with pytest.raises(SepenError, match="key_scope: image_queries.*no LoRA file.*key_scope: all"):
+        export_lora(delta, lora, "full", "diffusers")
+    assert not lora.exists()
+    model = load_pipeline(tiny_mmdit_models["sd3"]).transformer
+    ft = {"blocks": None, "key_scope": "image_queries", "trainable": "to_k+to_v"}
+    with pytest.raises(ConfigError, match="key_scope: image_queries.*to_k\\+to_v.*to_k or lora"):
+        check_capture(model, ft, 16)
 
 
 def _draw(pipe):

@@ -353,3 +353,42 @@ def test_card_of_the_shipped_v3_model_on_a_few_images(tmp_path):
     assert km["spearman_map_iou_vs_failure"] > 0.3
     assert km["spearman_key_cosine_vs_failure"] > 0.3
     assert result["failing_objects"]["missing_or_merged_share"] >= 0.5
+
+
+def test_sweep_samples_the_shipped_toy_mmdit_at_other_settings(tmp_path, tiny_toy_model, capsys):
+    from pathlib import Path
+
+    from sepen.cli.toy.sweep import cli
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "sweep.json"
+    common = ["--config", str(root / "config/toy_mmdit.yaml"), "--out", str(out)]
+    quick = ["--set", "toy.card.images_per_prompt=2", "--set", "sampling.steps=4"]
+    tries = ["--try", "guidance=2", "--try", "shift=1", "--try", "guidance=3,steps=3"]
+    args = common + quick + ["--model", str(root / "data/toy_mmdit_v4")] + tries
+    assert cli(args) == 0
+    rows = json.loads(out.read_text())["settings"]
+    assert [r["setting"] for r in rows] == [
+        {"guidance": 2.0, "steps": 4, "shift": 3.0},  # the config's own first
+        {"guidance": 2.0, "steps": 4, "shift": 3.0},
+        {"guidance": 2.0, "steps": 4, "shift": 1.0},
+        {"guidance": 3.0, "steps": 3, "shift": 3.0},
+    ]
+
+    def seen(r):
+        failing = r["failing_objects"]["counts"]
+        return (r["single"]["mean"], r["held_out_pairs"]["mean"], sorted(failing.items()))
+
+    assert seen(rows[0]) == seen(rows[1])  # the same seeds draw the same images
+    assert seen(rows[2]) != seen(rows[0])  # the shift reaches the sampler
+    for r in rows:
+        assert r["single"]["n"] == 16 and r["held_out_pairs"]["n"] == 28
+        failing = sum(r["failing_objects"]["counts"].values())
+        failed_images = 28 * (1 - r["held_out_pairs"]["mean"])  # each: one or two objects
+        assert failed_images - 1e-9 <= failing <= 2 * failed_images + 1e-9
+        assert r["failing_objects"]["missing_or_merged_share"] is None or failing > 0
+    capsys.readouterr()
+    assert cli(common + ["--model", str(tiny_toy_model), "--try", "shift=1"]) == 2
+    assert "shift is a flow-matching sampler's setting" in capsys.readouterr().err
+    assert cli(common + ["--model", str(tiny_toy_model), "--try", "cfg=2"]) == 2
+    assert "'cfg=2' is not KEY=VALUE with KEY one of" in capsys.readouterr().err

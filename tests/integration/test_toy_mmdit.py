@@ -205,3 +205,19 @@ def test_stream_change_follows_a_key_change_through_the_text_stream(toy_mmdit, t
     )
     assert last["block 0"] == {"text_stream": 0.0, "image_stream": 0.0}
     assert last["block 1"]["image_stream"] > 1e-4
+
+
+def test_diagnose_reads_a_toy_mmdits_maps_and_records_its_keys_while_drawing(toy_mmdit, tmp_path):
+    """`sepen toy diagnose` on an MMDiT: maps from its joint blocks, the object tokens' key
+    cosine recorded while drawing (it changes with the step), and the stream change."""
+    from sepen.toy.diagnose import diagnose
+
+    config = mmdit_config()
+    config["sampling"]["steps"] = 3
+    delta = _key_delta(tmp_path / "0.st", toy_mmdit, 0)
+    out = diagnose(config, str(toy_mmdit), str(delta), ["circle", "star"], [0, 1])
+    for side in ("base", "sepen"):
+        assert -1 <= out[side]["key_cosine"] <= 1 and 0 <= out[side]["map_iou"] <= 1
+        assert set(out[side]["attention_budget"]) >= {"start", "circle", "star"}
+    assert out["sepen"]["key_cosine"] != out["base"]["key_cosine"]  # block 0's keys changed
+    assert out["stream_change"]["block 0"]["text_stream"] > 1e-4

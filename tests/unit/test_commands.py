@@ -29,7 +29,7 @@ def test_every_command_of_both_tables_has_a_parser():
     expected = {f"sepen {k}" for k, (m, _) in COMMANDS.items() if m}
     expected |= {f"sepen toy {k}" for k in TOY_COMMANDS}
     assert set(PARSERS) == expected == set(command_modules())
-    assert len(PARSERS) == 21
+    assert len(PARSERS) == 22
 
 
 @pytest.mark.parametrize("name", sorted(PARSERS))
