@@ -31,21 +31,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from contextlib import nullcontext
 
 import numpy as np
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from sepen.architecture import denoiser_of, family, text_positions
 from sepen.errors import SepenError
-from sepen.joint_attention import is_joint
 from sepen.models import load_pipeline
 from sepen.sampling import sample_with_maps
 from sepen.stats import bootstrap_ci, paired_difference
 from sepen.test_time import GuidanceMethod
 from sepen.toy.detect import FAILURES, object_outcome, regions
 from sepen.toy.evaluate import generate, image_scores, prompt_kinds, rates, to_uint8
-from sepen.toy.geometry import key_cosine, recorded_key_cosine, soft_iou, spearman
+from sepen.toy.geometry import drawing_key_cosine, soft_iou, spearman
 from sepen.toy.probes import centroid_sides, side_counts, swap_test, text_share
 from sepen.toy.seeds import seed_range
 from sepen.toy.steering import steered, steering_bias, steering_counts
@@ -67,6 +65,14 @@ def failing_objects(images: np.ndarray, named: Sequence[Sequence[str]]) -> dict[
             if outcome != "found":
                 counts[outcome] += 1
     return counts
+
+
+def failing_summary(images: np.ndarray, named: Sequence[Sequence[str]]) -> dict:
+    """`failing_objects`' counts and the share of them missing or merged (None if none fail)."""
+    failing = failing_objects(images, named)
+    total = sum(failing.values())
+    share = (failing["missing"] + failing["merged"]) / total if total else None
+    return {"counts": failing, "missing_or_merged_share": share}
 
 
 def _success(rows) -> list[float]:
@@ -149,14 +155,7 @@ def sampling_sweep(config: dict, model: str, settings: Sequence[dict]) -> dict:
                     float(np.mean(success[i * n : (i + 1) * n])) for i in range(len(options))
                 )
             else:
-                failing = failing_objects(ims, named)
-                total = sum(failing.values())
-                row["failing_objects"] = {
-                    "counts": failing,
-                    "missing_or_merged_share": (failing["missing"] + failing["merged"]) / total
-                    if total
-                    else None,
-                }
+                row["failing_objects"] = failing_summary(ims, named)
         log.info(
             "sweep %s: singles %.3f (weakest %.2f), held-out pairs %.3f",
             setting,
@@ -212,14 +211,7 @@ def card(config: dict, model: str, progress: bool = True) -> dict:
         for kind, rows in rows_by_kind.items()
         if kind != "single"
     }
-    failing = failing_objects(images_by_kind["held_out_pairs"], held_named)
-    total = sum(failing.values())
-    out["failing_objects"] = {
-        "counts": failing,
-        "missing_or_merged_share": (failing["missing"] + failing["merged"]) / total
-        if total
-        else None,
-    }
+    out["failing_objects"] = failing_summary(images_by_kind["held_out_pairs"], held_named)
 
     # does the concept reach the image through the object tokens?
     out["text_share"] = text_share(pipe, held, toy["radius"], seed0)
@@ -293,9 +285,7 @@ def card(config: dict, model: str, progress: bool = True) -> dict:
         prompt = prompt_for(pair)
         pos = text_positions(pipe, prompt, pair)
         map_seeds = seeds[: cc["map_images"]]
-        model, keys = denoiser_of(pipe), []
-        recording = recorded_key_cosine(model, pos, keys) if is_joint(model) else nullcontext()
-        with recording:
+        with drawing_key_cosine(pipe, prompt, pos) as cosine:
             _, maps = sample_with_maps(
                 pipe,
                 [prompt] * len(map_seeds),
@@ -311,7 +301,7 @@ def card(config: dict, model: str, progress: bool = True) -> dict:
         rows.append(
             {
                 "pair": _pair_key(pair),
-                "key_cosine": float(np.mean(keys)) if keys else key_cosine(pipe, prompt, pos),
+                "key_cosine": cosine(),
                 "map_iou": float(np.mean([soft_iou(m[0], m[1]) for m in maps])),
                 "failure_rate": float(fails),
             }

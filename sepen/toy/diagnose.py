@@ -15,7 +15,6 @@ acts on, so a SepEn run that breaks images can be read off them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from sepen.models import load_pipeline
 from sepen.sampling import sample_with_maps
 from sepen.tokens import concept_token_positions, prompt_ids
 from sepen.toy.evaluate import image_scores, rates, to_uint8
-from sepen.toy.geometry import key_cosine, recorded_key_cosine, soft_iou
+from sepen.toy.geometry import drawing_key_cosine, soft_iou
 from sepen.toy.world import prompt_for
 
 
@@ -124,10 +123,7 @@ def measure(pipe, concepts: Sequence[str], seeds: Sequence[int], config: dict) -
     prompt = prompt_for(list(concepts))
     groups = token_groups(pipe.tokenizer, prompt, concepts)
     pos = concept_token_positions(pipe.tokenizer, prompt, concepts)
-    model, keys = denoiser_of(pipe), []
-    # an MMDiT's text keys change with the step and the image: recorded while drawing
-    recording = recorded_key_cosine(model, pos, keys) if is_joint(model) else nullcontext()
-    with recording:
+    with drawing_key_cosine(pipe, prompt, pos) as cosine:
         images, maps = sample_with_maps(
             pipe,
             [prompt] * len(seeds),
@@ -148,7 +144,7 @@ def measure(pipe, concepts: Sequence[str], seeds: Sequence[int], config: dict) -
         "spurious": scores["spurious"]["mean"],
         "attention_budget": {g: float(b) for g, b in zip(groups, budget)},
         "object_peak": [float(np.mean([m[i].max() for m in maps])) for i in objects],
-        "key_cosine": float(np.mean(keys)) if keys else key_cosine(pipe, prompt, pos),
+        "key_cosine": cosine(),
         "map_iou": float(np.mean([soft_iou(m[objects[0]], m[objects[1]]) for m in maps])),
     }
 

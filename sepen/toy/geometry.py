@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from sepen.joint_attention import joint_layers
+from sepen.architecture import denoiser_of
+from sepen.joint_attention import is_joint, joint_layers
 from sepen.tokens import prompt_ids
 
 
@@ -63,6 +64,17 @@ def recorded_key_cosine(model, positions, found: list):
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def drawing_key_cosine(pipe, prompt: str, positions):
+    """Context for drawing `prompt`: yields a function that returns the first two concepts' key
+    cosine - an MMDiT's recorded while the images inside are drawn (`recorded_key_cosine`),
+    a UNet's from the prompt alone (`key_cosine`)."""
+    model, found = denoiser_of(pipe), []
+    joint = is_joint(model)
+    with recorded_key_cosine(model, positions, found) if joint else contextlib.nullcontext():
+        yield lambda: float(np.mean(found)) if found else key_cosine(pipe, prompt, positions)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
