@@ -28,13 +28,39 @@ SOURCES = {
     "paper": ("data/paper.yaml", "typed from the paper's tables (a secondary transcription)"),
     "card": ("data/toy_base/world_card.json", "sepen toy card --config config/config.yaml"),
     "mmdit_card": (
-        "data/toy_mmdit_v4/world_card.json",
-        "sepen toy card --config config/toy_mmdit.yaml --model data/toy_mmdit_v4",
+        "data/toy_mmdit_v6/world_card.json",
+        "sepen toy card --config config/toy_mmdit.yaml --model data/toy_mmdit_v6",
     ),
     "mmdit_run": (
-        "data/toy_mmdit_v4/default_run.json",
+        "data/toy_mmdit_v6/default_run.json",
         "snakemake --cores all --configfile config/toy_mmdit.yaml, then sepen report numbers "
-        "--run results/toy_mmdit --out data/toy_mmdit_v4/default_run.json",
+        "--run results/toy_mmdit --out data/toy_mmdit_v6/default_run.json",
+    ),
+    "mmdit_sweep": (
+        "data/toy_mmdit_v6/sampling_sweep.json",
+        "sepen toy sweep --config config/toy_mmdit.yaml --model data/toy_mmdit_v6 --try "
+        "guidance=1.75 --try guidance=1.5 --out data/toy_mmdit_v6/sampling_sweep.json",
+    ),
+    "mmdit_pretrain": (
+        "data/toy_mmdit_v6/sepen_toy.json",
+        "sepen toy pretrain --config config/toy_mmdit.yaml --out data/toy_mmdit_v6",
+    ),
+    "mmdit_v5_card": (
+        "data/toy_mmdit_v5/world_card.json",
+        "sepen toy card --config config/toy_mmdit_v5.yaml --model data/toy_mmdit_v5",
+    ),
+    "mmdit_v5_pretrain": (
+        "data/toy_mmdit_v5/sepen_toy.json",
+        "sepen toy pretrain --config config/toy_mmdit_v5.yaml --out data/toy_mmdit_v5",
+    ),
+    "mmdit_v4_card": (
+        "data/toy_mmdit_v4/world_card.json",
+        "sepen toy card --config config/toy_mmdit_v4.yaml --model data/toy_mmdit_v4",
+    ),
+    "mmdit_v4_run": (
+        "data/toy_mmdit_v4/default_run.json",
+        "snakemake --cores all --configfile config/toy_mmdit_v4.yaml, then sepen report "
+        "numbers --run results/toy_mmdit_v4 --out data/toy_mmdit_v4/default_run.json",
     ),
     "mmdit_image_queries_run": (
         "data/toy_mmdit_v4/image_queries_run.json",
@@ -42,9 +68,9 @@ SOURCES = {
         "report numbers --run results/toy_mmdit_image_queries "
         "--out data/toy_mmdit_v4/image_queries_run.json",
     ),
-    "mmdit_sweep": (
+    "mmdit_v4_sweep": (
         "data/toy_mmdit_v4/sampling_sweep.json",
-        "sepen toy sweep --config config/toy_mmdit.yaml --model data/toy_mmdit_v4 --try "
+        "sepen toy sweep --config config/toy_mmdit_v4.yaml --model data/toy_mmdit_v4 --try "
         "steps=40 --try shift=5 --try guidance=3 --try guidance=1.75 --try guidance=1.5 "
         "--try guidance=1.25 --out data/toy_mmdit_v4/sampling_sweep.json",
     ),
@@ -57,11 +83,11 @@ SOURCES = {
             f"--out data/toy_mmdit_v4/diagnose/{pair}{suffix}.json",
         )
         for pair in ("square_cross", "diamond_ring")
-        for suffix, config in (("", "toy_mmdit"), ("_image_queries", "toy_mmdit_image_queries"))
+        for suffix, config in (("", "toy_mmdit_v4"), ("_image_queries", "toy_mmdit_image_queries"))
     },
-    "mmdit_pretrain": (
+    "mmdit_v4_pretrain": (
         "data/toy_mmdit_v4/sepen_toy.json",
-        "sepen toy pretrain --config config/toy_mmdit.yaml --out data/toy_mmdit_v4",
+        "sepen toy pretrain --config config/toy_mmdit_v4.yaml --out data/toy_mmdit_v4",
     ),
     "mmdit_v3_card": (
         "data/toy_mmdit_v3/world_card.json",
@@ -223,6 +249,8 @@ def card_criteria_table(sources: Sources) -> str:
     sampled at shift 1): each value and whether it holds (the cards' own `criteria`)."""
     cards = [
         ("toy MMDiT", sources["mmdit_card"]),
+        ("fifth toy MMDiT", sources["mmdit_v5_card"]),
+        ("fourth toy MMDiT", sources["mmdit_v4_card"]),
         ("third toy MMDiT", sources["mmdit_v3_card"]),
         ("third, shift 1", sources["mmdit_v3_shift1_card"]),
         ("second toy MMDiT", sources["mmdit_v2_card"]),
@@ -279,7 +307,7 @@ def sweep_table(sweep: dict) -> str:
             f"| {s['guidance']:g} | {s.get('shift', '-')} | {s['steps']} "
             f"| {format_value(row['single'])} ({row['weakest_single']:.2f}) "
             f"| {format_value(row['held_out_pairs'])} "
-            f"| {'-' if share is None else format(share, '.2f')} |"
+            f"| {'-' if share is None else format(share, '.3f')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -323,6 +351,8 @@ TABLES = {
     "mmdit_sweep": lambda sources: sweep_table(sources["mmdit_sweep"]),
     "mmdit_stream_change": stream_table,
     "mmdit_image_queries_run": lambda sources: run_table(sources["mmdit_image_queries_run"]),
+    "mmdit_v4_run": lambda sources: run_table(sources["mmdit_v4_run"]),
+    "mmdit_v4_sweep": lambda sources: sweep_table(sources["mmdit_v4_sweep"]),
     "mmdit_v3_run": lambda sources: run_table(sources["mmdit_v3_run"]),
     "mmdit_v2_run": lambda sources: run_table(sources["mmdit_v2_run"]),
 }

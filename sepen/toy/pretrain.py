@@ -156,13 +156,15 @@ def train_denoiser(run: Run, toy: dict, until: int, progress: bool, save=None) -
     if weight > 0:  # attention grounding (TokenCompose-style): each object's cells attend its token
         processors = None if joint else dict(model.attn_processors)
         store = _grounding_capture(model, pre)
+    # this run's share of pair scenes (a continuation may give pairs more practice)
+    pair_share = toy["pair_fraction"] if pre["pair_fraction"] is None else pre["pair_fraction"]
     for step in bar:
         images, prompts, named, layouts = scene_batch(
             rng,
             pre["batch_size"],
             toy["concepts"],
             toy.trained_pairs,
-            toy["pair_fraction"],
+            pair_share,
             toy["radius"],
             one_name_fraction=toy["one_name_fraction"],
         )
@@ -272,6 +274,8 @@ def world_settings(toy: dict) -> dict:
         del out["pretrain"]["sigmas"]
     if out["pretrain"].get("init", "absent") is None:  # likewise: trained from random weights
         del out["pretrain"]["init"]
+    if out["pretrain"].get("pair_fraction", "absent") is None:  # likewise: the world's share
+        del out["pretrain"]["pair_fraction"]
     return out
 
 

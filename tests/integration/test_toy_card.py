@@ -365,7 +365,7 @@ def test_sweep_samples_the_shipped_toy_mmdit_at_other_settings(tmp_path, tiny_to
     common = ["--config", str(root / "config/toy_mmdit.yaml"), "--out", str(out)]
     quick = ["--set", "toy.card.images_per_prompt=2", "--set", "sampling.steps=4"]
     tries = ["--try", "guidance=2", "--try", "shift=1", "--try", "guidance=3,steps=3"]
-    args = common + quick + ["--model", str(root / "data/toy_mmdit_v4")] + tries
+    args = common + quick + ["--model", str(root / "data/toy_mmdit_v6")] + tries
     assert cli(args) == 0
     rows = json.loads(out.read_text())["settings"]
     assert [r["setting"] for r in rows] == [

@@ -158,6 +158,30 @@ def test_an_init_model_of_another_world_or_no_model_is_refused_before_any_work(
     assert not (tmp_path / "s").exists() and not (tmp_path / "x").exists()
 
 
+def test_a_longer_training_may_give_pairs_another_share_without_changing_the_world(
+    tmp_path, uninterrupted, monkeypatch
+):
+    """toy.pretrain.pair_fraction: this run's share of pair scenes; the world (and so the init
+    check) keeps toy.pair_fraction, and a run that leaves it null has the settings of before."""
+    import sepen.toy.pretrain as pretraining
+
+    shares = []
+
+    def recording(rng, n, concepts, pairs, pair_fraction, *args, **kwargs):
+        shares.append(pair_fraction)
+        return scene_batch(rng, n, concepts, pairs, pair_fraction, *args, **kwargs)
+
+    monkeypatch.setattr(pretraining, "scene_batch", recording)
+    config = v3_config(steps=2)
+    assert "pair_fraction" not in world_settings(prepare_world(config))["pretrain"]
+    config["toy"]["pretrain"].update(init=str(uninterrupted / "full"), pair_fraction=0.9)
+    pretrain(config, tmp_path / "more", progress=False, state_dir=tmp_path / "s")
+    assert shares == [0.9, 0.9]  # the world's toy.pair_fraction is 0.5
+    summary = json.loads((tmp_path / "more" / "sepen_toy.json").read_text())
+    assert summary["config"]["pair_fraction"] == 0.5
+    assert summary["config"]["pretrain"]["pair_fraction"] == 0.9
+
+
 def test_until_outside_the_schedule_is_refused_before_any_work(tmp_path):
     with pytest.raises(SepenError, match="--until 9 is outside 1..8"):
         pretrain(v3_config(), tmp_path / "x", progress=False, state_dir=tmp_path / "s", until=9)

@@ -25,6 +25,8 @@ LAYERED = [
     "flux_joint",
     "toy_mmdit",
     "toy_mmdit_image_queries",
+    "toy_mmdit_v5",
+    "toy_mmdit_v4",
     "toy_mmdit_v3",
     "toy_mmdit_v2",
     "test/sd3_smoke",
@@ -44,8 +46,8 @@ def _leaves(d: dict, prefix: str = "") -> dict:
 
 @pytest.mark.parametrize("name", LAYERED)
 def test_a_layered_config_lists_only_what_differs_from_the_default_run(name):
-    """A layered config extends the default run or another layered config (today's toy MMDiT
-    extends the third, which extends the second) and lists only what differs from it."""
+    """A layered config extends the default run or another layered config (each toy MMDiT
+    extends the one before) and lists only what differs from it."""
     raw = read_yaml((ROOT / f"config/{name}.yaml").read_text())
     parent = (ROOT / f"config/{name}.yaml").parent.joinpath(raw["extends"]).resolve()
     layered_files = {(ROOT / f"config/{n}.yaml").resolve() for n in LAYERED}
