@@ -18,10 +18,12 @@
 #
 #   bench/gpu.sh            # on the GPU machine
 #   bench/gpu.sh --tiny     # the same script on CPU with the tiny model (seconds; the tests run it)
-# SEPEN_BENCH_OUT=<folder> writes elsewhere.
+# SEPEN_BENCH_OUT=<folder> writes elsewhere; PYTHON=<interpreter> runs another Python (default
+# python3: a machine may have no `python`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${SEPEN_BENCH_OUT:-bench/results}
+py=${PYTHON:-python3}
 if [[ "${1:-}" == "--tiny" ]]; then
   device=cpu
   step=(--size tiny --batch 2 --repeats 1 --dtype float32 --ablations)
@@ -32,7 +34,7 @@ if [[ "${1:-}" == "--tiny" ]]; then
   card="cpu-tiny"
 else
   device=cuda
-  python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: run bench/gpu.sh --tiny on CPU')"
+  "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: run bench/gpu.sh --tiny on CPU')"
   step=(--size sd14 --latent 64 --batch 4 --repeats 5 --dtype bfloat16 --ablations ours-no-exit)
   xl=(--size sdxl --latent 128 --batch 2 --repeats 3 --dtype bfloat16 --ablations)
   sampling=(--arch sd14 --steps 50 --repeats 3 --dtype bfloat16)
@@ -42,24 +44,24 @@ else
     "--arch flux-dev --mode joint --batch 2"
   )
   mmdit_common=(--latent 64 --repeats 3 --dtype bfloat16)
-  card=$(python -c "import torch; print(torch.cuda.get_device_name())")
+  card=$("$py" -c "import torch; print(torch.cuda.get_device_name())")
 fi
 name=$(printf '%s' "$card" | tr -c 'A-Za-z0-9.-' '_')
 mkdir -p "$out"
 tmp="$out/.$name.txt.partial"
 {
-  echo "# $card, $(date -u +%Y-%m-%dT%H:%MZ), torch $(python -c 'import torch; print(torch.__version__)')"
+  echo "# $card, $(date -u +%Y-%m-%dT%H:%MZ), torch $("$py" -c 'import torch; print(torch.__version__)')"
   echo "\$ bench/gpu.sh $*"
-  python bench/finetune_step.py "${step[@]}" --device "$device" --flops --json "$out/$name-finetune.json"
+  "$py" bench/finetune_step.py "${step[@]}" --device "$device" --flops --json "$out/$name-finetune.json"
   echo
-  python bench/finetune_step.py "${xl[@]}" --device "$device" --json "$out/$name-finetune-sdxl.json"
+  "$py" bench/finetune_step.py "${xl[@]}" --device "$device" --json "$out/$name-finetune-sdxl.json"
   echo
-  python bench/sampling_cost.py "${sampling[@]}" --device "$device" --json "$out/$name-sampling.json"
+  "$py" bench/sampling_cost.py "${sampling[@]}" --device "$device" --json "$out/$name-sampling.json"
   echo
   k=0
   for row in "${mmdit[@]}"; do
     # shellcheck disable=SC2086 # each row is a list of flags
-    python bench/mmdit_step.py $row "${mmdit_common[@]}" --device "$device" \
+    "$py" bench/mmdit_step.py $row "${mmdit_common[@]}" --device "$device" \
       --json "$out/$name-mmdit-$k.json"
     k=$((k + 1))
   done

@@ -18,6 +18,50 @@ from pathlib import Path
 from sepen.config import read_yaml
 from sepen.errors import SepenError
 
+
+def _card(folder: str, config: str) -> tuple[str, str]:
+    return (
+        f"data/{folder}/world_card.json",
+        f"sepen toy card --config config/{config}.yaml --model data/{folder}",
+    )
+
+
+def _pretrain(folder: str, config: str) -> tuple[str, str]:
+    return (
+        f"data/{folder}/sepen_toy.json",
+        f"sepen toy pretrain --config config/{config}.yaml --out data/{folder}",
+    )
+
+
+def _run(folder: str, config: str, file: str = "default_run") -> tuple[str, str]:
+    return (
+        f"data/{folder}/{file}.json",
+        f"snakemake --cores all --configfile config/{config}.yaml, then sepen report numbers "
+        f"--run results/{config} --out data/{folder}/{file}.json",
+    )
+
+
+def _sweep(folder: str, config: str, tries: tuple[str, ...]) -> tuple[str, str]:
+    settings = " ".join(f"--try {t}" for t in tries)
+    return (
+        f"data/{folder}/sampling_sweep.json",
+        f"sepen toy sweep --config config/{config}.yaml --model data/{folder} {settings} "
+        f"--out data/{folder}/sampling_sweep.json",
+    )
+
+
+# the toy MMDiTs: docs name -> (model folder, config); today's is plain "mmdit"
+TOY_MMDITS = {
+    "mmdit": ("toy_mmdit_v6", "toy_mmdit"),
+    "mmdit_v5": ("toy_mmdit_v5", "toy_mmdit_v5"),
+    "mmdit_v4": ("toy_mmdit_v4", "toy_mmdit_v4"),
+    "mmdit_v3": ("toy_mmdit_v3", "toy_mmdit_v3"),
+    "mmdit_v2": ("toy_mmdit_v2", "toy_mmdit_v2"),
+    "mmdit_v1": ("toy_mmdit", "toy_mmdit_v1"),
+}
+_RUNS = ("mmdit", "mmdit_v4", "mmdit_v3", "mmdit_v2")  # those whose default run is shipped
+_V4 = TOY_MMDITS["mmdit_v4"]
+
 # name -> (file, the command that wrote it)
 SOURCES = {
     "default_run": (
@@ -27,52 +71,32 @@ SOURCES = {
     ),
     "paper": ("data/paper.yaml", "typed from the paper's tables (a secondary transcription)"),
     "card": ("data/toy_base/world_card.json", "sepen toy card --config config/config.yaml"),
-    "mmdit_card": (
-        "data/toy_mmdit_v6/world_card.json",
-        "sepen toy card --config config/toy_mmdit.yaml --model data/toy_mmdit_v6",
+    **{f"{name}_card": _card(*where) for name, where in TOY_MMDITS.items()},
+    **{f"{name}_pretrain": _pretrain(*where) for name, where in TOY_MMDITS.items()},
+    **{f"{name}_run": _run(*TOY_MMDITS[name]) for name in _RUNS},
+    "mmdit_sweep": _sweep(*TOY_MMDITS["mmdit"], ("guidance=1.75", "guidance=1.5")),
+    "mmdit_v4_sweep": _sweep(
+        *_V4,
+        ("steps=40", "shift=5", "guidance=3", "guidance=1.75", "guidance=1.5", "guidance=1.25"),
     ),
-    "mmdit_run": (
-        "data/toy_mmdit_v6/default_run.json",
-        "snakemake --cores all --configfile config/toy_mmdit.yaml, then sepen report numbers "
-        "--run results/toy_mmdit --out data/toy_mmdit_v6/default_run.json",
-    ),
-    "mmdit_sweep": (
-        "data/toy_mmdit_v6/sampling_sweep.json",
-        "sepen toy sweep --config config/toy_mmdit.yaml --model data/toy_mmdit_v6 --try "
-        "guidance=1.75 --try guidance=1.5 --out data/toy_mmdit_v6/sampling_sweep.json",
-    ),
-    "mmdit_pretrain": (
-        "data/toy_mmdit_v6/sepen_toy.json",
-        "sepen toy pretrain --config config/toy_mmdit.yaml --out data/toy_mmdit_v6",
-    ),
-    "mmdit_v5_card": (
-        "data/toy_mmdit_v5/world_card.json",
-        "sepen toy card --config config/toy_mmdit_v5.yaml --model data/toy_mmdit_v5",
-    ),
-    "mmdit_v5_pretrain": (
-        "data/toy_mmdit_v5/sepen_toy.json",
-        "sepen toy pretrain --config config/toy_mmdit_v5.yaml --out data/toy_mmdit_v5",
-    ),
-    "mmdit_v4_card": (
-        "data/toy_mmdit_v4/world_card.json",
-        "sepen toy card --config config/toy_mmdit_v4.yaml --model data/toy_mmdit_v4",
-    ),
-    "mmdit_v4_run": (
-        "data/toy_mmdit_v4/default_run.json",
-        "snakemake --cores all --configfile config/toy_mmdit_v4.yaml, then sepen report "
-        "numbers --run results/toy_mmdit_v4 --out data/toy_mmdit_v4/default_run.json",
-    ),
-    "mmdit_image_queries_run": (
-        "data/toy_mmdit_v4/image_queries_run.json",
-        "snakemake --cores all --configfile config/toy_mmdit_image_queries.yaml, then sepen "
-        "report numbers --run results/toy_mmdit_image_queries "
-        "--out data/toy_mmdit_v4/image_queries_run.json",
-    ),
-    "mmdit_v4_sweep": (
-        "data/toy_mmdit_v4/sampling_sweep.json",
-        "sepen toy sweep --config config/toy_mmdit_v4.yaml --model data/toy_mmdit_v4 --try "
-        "steps=40 --try shift=5 --try guidance=3 --try guidance=1.75 --try guidance=1.5 "
-        "--try guidance=1.25 --out data/toy_mmdit_v4/sampling_sweep.json",
+    "mmdit_image_queries_run": _run(_V4[0], "toy_mmdit_image_queries", "image_queries_run"),
+    **{
+        f"mmdit_probe_lr{lr.replace('-', '')}_{signal}": (
+            f"data/toy_mmdit_v6/diagnose/circle_star_lr{lr}_{signal}.json",
+            f"sepen finetune --config config/toy_mmdit.yaml --set finetune.learning_rate={lr} "
+            f"--set finetune.signal={signal} --plan results/toy_mmdit/prompts.json --model-id "
+            "circle-star_<hash> --out DELTA, then sepen toy diagnose --config "
+            "config/toy_mmdit.yaml --model data/toy_mmdit_v6 --delta DELTA --concepts circle "
+            f"star --images 16 --out data/toy_mmdit_v6/diagnose/circle_star_lr{lr}_{signal}.json",
+        )
+        for lr in ("1e-5", "1e-4")
+        for signal in ("random", "base_samples")
+    },
+    "mmdit_study": (
+        "data/toy_mmdit_v6/study.json",
+        "sepen toy study --config config/toy_mmdit.yaml --cells config/toy_study_mmdit_v6.yaml "
+        "--out-dir results/toy_mmdit/study --set evaluation.seed=50000 --set "
+        'evaluation.images_per_prompt=8 --set "toy.study.seeds=[0]"',
     ),
     **{
         f"mmdit_diagnose_{pair}{suffix}": (
@@ -85,54 +109,16 @@ SOURCES = {
         for pair in ("square_cross", "diamond_ring")
         for suffix, config in (("", "toy_mmdit_v4"), ("_image_queries", "toy_mmdit_image_queries"))
     },
-    "mmdit_v4_pretrain": (
-        "data/toy_mmdit_v4/sepen_toy.json",
-        "sepen toy pretrain --config config/toy_mmdit_v4.yaml --out data/toy_mmdit_v4",
-    ),
-    "mmdit_v3_card": (
-        "data/toy_mmdit_v3/world_card.json",
-        "sepen toy card --config config/toy_mmdit_v3.yaml --model data/toy_mmdit_v3",
-    ),
     "mmdit_v3_shift1_card": (
         "data/toy_mmdit_v3/world_card_shift1.json",
         "sepen toy pretrain --config config/toy_mmdit_v3.yaml --set toy.model.flow_shift=1.0 "
         "--out DIR --state-dir <state> --resume latest, then sepen toy card --config "
         "config/toy_mmdit_v3.yaml --model DIR",
     ),
-    "mmdit_v3_run": (
-        "data/toy_mmdit_v3/default_run.json",
-        "snakemake --cores all --configfile config/toy_mmdit_v3.yaml, then sepen report "
-        "numbers --run results/toy_mmdit_v3 --out data/toy_mmdit_v3/default_run.json",
-    ),
-    "mmdit_v3_pretrain": (
-        "data/toy_mmdit_v3/sepen_toy.json",
-        "sepen toy pretrain --config config/toy_mmdit_v3.yaml --out data/toy_mmdit_v3",
-    ),
-    "mmdit_v2_card": (
-        "data/toy_mmdit_v2/world_card.json",
-        "sepen toy card --config config/toy_mmdit_v2.yaml --model data/toy_mmdit_v2",
-    ),
-    "mmdit_v2_run": (
-        "data/toy_mmdit_v2/default_run.json",
-        "snakemake --cores all --configfile config/toy_mmdit_v2.yaml, then sepen report "
-        "numbers --run results/toy_mmdit_v2 --out data/toy_mmdit_v2/default_run.json",
-    ),
-    "mmdit_v2_pretrain": (
-        "data/toy_mmdit_v2/sepen_toy.json",
-        "sepen toy pretrain --config config/toy_mmdit_v2.yaml --out data/toy_mmdit_v2",
-    ),
     "mmdit_v2_step8000": (
         "data/toy_mmdit_v2/validation_step8000.json",
         "sepen toy pretrain --config config/toy_mmdit_v2.yaml --resume <state>/checkpoint-8000 "
         "--until 8000 --out DIR (its sepen_toy.json's validation)",
-    ),
-    "mmdit_v1_pretrain": (
-        "data/toy_mmdit/sepen_toy.json",
-        "sepen toy pretrain --config config/toy_mmdit_v1.yaml --out data/toy_mmdit",
-    ),
-    "mmdit_v1_card": (
-        "data/toy_mmdit/world_card.json",
-        "sepen toy card --config config/toy_mmdit_v1.yaml --model data/toy_mmdit",
     ),
     "test_time_study": (
         "data/toy_base/test_time_study.json",
@@ -293,6 +279,37 @@ def run_table(run: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def study_table(study: dict) -> str:
+    """A settings study (`sepen toy study`) with one finetuning seed: per cell, its settings,
+    the held-out pairs' success and failure kinds, and the paired changes to base."""
+    seed = str(study["seeds"][0])
+    lines = [
+        "| cell | settings | held-out pairs | minus base | each pair model's objects alone, "
+        "minus base | missing | merged | wrong shape |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    kinds = ("fail_missing", "fail_merged", "fail_wrong_shape")
+    base = study["base"]["held_out_pairs"]
+    lines.append(
+        f"| base | - | {format_value(base['success'])} | - | - | "
+        + " | ".join(format_value(base[k]["mean"]) for k in kinds)
+        + " |"
+    )
+    for cell in study["cells"]:
+        result = study["results"][cell["name"]]
+        held = result["held_out_pairs"]["seeds"][seed]
+        alone = result["model_singles"]["seeds"][seed]["minus_base"]["success"]
+        settings = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in cell["set"].items())
+        lines.append(
+            f"| {cell['name']} | {settings} | {format_value(held['success'])} "
+            f"| {format_value(held['minus_base']['success'], '+.3f')} "
+            f"| {format_value(alone, '+.3f')} | "
+            + " | ".join(format_value(held[k]["mean"]) for k in kinds)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def sweep_table(sweep: dict) -> str:
     """A toy model at several sampling settings on the card seeds (`sepen toy sweep`)."""
     lines = [
@@ -349,6 +366,7 @@ TABLES = {
     "card_criteria": card_criteria_table,
     "mmdit_run": lambda sources: run_table(sources["mmdit_run"]),
     "mmdit_sweep": lambda sources: sweep_table(sources["mmdit_sweep"]),
+    "mmdit_study": lambda sources: study_table(sources["mmdit_study"]),
     "mmdit_stream_change": stream_table,
     "mmdit_image_queries_run": lambda sources: run_table(sources["mmdit_image_queries_run"]),
     "mmdit_v4_run": lambda sources: run_table(sources["mmdit_v4_run"]),

@@ -39,6 +39,17 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
     return pipe
 
 
+def as_loaded(pipe):
+    """`pipe` as `from_pretrained` gives it: every model in eval mode (a model built from its
+    config is in training mode, so the tiny T5's dropout would make each encoding differ), no
+    progress bars."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_unet_config(sample_size: int = 16, cross_attention_dim: int = 32) -> dict:
     return dict(
         sample_size=sample_size,
@@ -185,8 +196,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0, sample_size: int = 16):
         scheduler=scheduler,
         add_watermarker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return as_loaded(pipe)
 
 
 def build_tiny_pipeline(seed: int = 0, sample_size: int = 16, cross_attention_dim: int = 32):
@@ -202,7 +212,7 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 16, cross_attention_di
     scheduler = DDIMScheduler(
         **SD_SCHEDULER, clip_sample=False, set_alpha_to_one=False, steps_offset=1
     )
-    return assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
+    return as_loaded(assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler))
 
 
 def save_tiny_pipeline(path: str | Path, seed: int = 0, sdxl: bool = False, **kwargs) -> Path:

@@ -18,7 +18,7 @@ import torch
 
 from sepen.models.clip_tokenizer import build_clip_tokenizer
 from sepen.models.t5_tokenizer import build_t5_tokenizer
-from sepen.models.tiny import _tiny_clip_config, _tiny_vae
+from sepen.models.tiny import _tiny_clip_config, _tiny_vae, as_loaded
 
 T5_WIDTH = 32
 
@@ -101,8 +101,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 16, sd35: bool = F
         text_encoder_3=_tiny_t5(tokenizer_3),
         tokenizer_3=tokenizer_3,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return as_loaded(pipe)
 
 
 def tiny_flux_transformer_config(guidance: bool = True) -> dict:
@@ -146,8 +145,7 @@ def build_tiny_flux_pipeline(seed: int = 0, sample_size: int = 16, guidance: boo
         text_encoder_2=_tiny_t5(tokenizer_2),
         tokenizer_2=tokenizer_2,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return as_loaded(pipe)
 
 
 def save_tiny_mmdit_pipeline(path: str | Path, kind: str, seed: int = 0) -> Path:

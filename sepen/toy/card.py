@@ -54,25 +54,35 @@ log = logging.getLogger("sepen.toy.card")
 CARD_FILE = "world_card.json"
 
 
-def failing_objects(images: np.ndarray, named: Sequence[Sequence[str]]) -> dict[str, int]:
-    """Outcome counts of the named objects that were not found, over images."""
+def failing_objects(images: np.ndarray, named: Sequence[Sequence[str]]) -> dict:
+    """Over images, the named objects that were not found: outcome counts, and for each
+    concept drawn in a wrong shape the shapes its biggest region was drawn in."""
 
     counts = dict.fromkeys(FAILURES, 0)
+    drawn_as: dict[str, dict[str, int]] = {}
     for im, names in zip(images, named):
         found = regions(im)
         for c in names:
             outcome = object_outcome(c, names, found)
-            if outcome != "found":
-                counts[outcome] += 1
-    return counts
+            if outcome == "found":
+                continue
+            counts[outcome] += 1
+            if outcome == "wrong_shape":
+                own = [r for r in found if r.concept == c and r.shape is not None]
+                shape = max(own, key=lambda r: r.area).shape
+                drawn_as.setdefault(c, {})
+                drawn_as[c][shape] = drawn_as[c].get(shape, 0) + 1
+    return {"counts": counts, "wrong_shape_drawn_as": drawn_as}
 
 
 def failing_summary(images: np.ndarray, named: Sequence[Sequence[str]]) -> dict:
-    """`failing_objects`' counts and the share of them missing or merged (None if none fail)."""
+    """`failing_objects`' counts, the shapes wrong-shape objects were drawn in, and the share
+    of failing objects missing or merged (None if none fail)."""
     failing = failing_objects(images, named)
-    total = sum(failing.values())
-    share = (failing["missing"] + failing["merged"]) / total if total else None
-    return {"counts": failing, "missing_or_merged_share": share}
+    counts = failing["counts"]
+    total = sum(counts.values())
+    share = (counts["missing"] + counts["merged"]) / total if total else None
+    return {**failing, "missing_or_merged_share": share}
 
 
 def _success(rows) -> list[float]:

@@ -251,6 +251,21 @@ def validate(pipe, toy: dict, sampling: dict, n: int, seed: int = VALIDATION_SEE
     return results
 
 
+# Settings added after models had been shipped, with the value every model made before them
+# had: left at it, a setting is left out of the saved settings, so those models stay of the world.
+MMDIT_BEFORE = {"patch_size": 2, "qk_norm": None}  # the first toy MMDiT's
+PRETRAIN_BEFORE = {
+    "grounding_images": "all",
+    "sigmas": "uniform",  # (and a UNet does not read it)
+    "init": None,  # trained from random weights
+    "pair_fraction": None,  # the world's share of pairs
+}
+
+
+def _without(settings: dict, before: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in before or v != before[k]}
+
+
 def world_settings(toy: dict) -> dict:
     """The toy settings a base model depends on (not the workflow's switches and checks)."""
     keep = ("concepts", "held_out_pairs", "split_seed", "radius", "pair_fraction", "model")
@@ -260,22 +275,14 @@ def world_settings(toy: dict) -> dict:
     mmdit_only = ("architecture", "layers", "head_dim", "patch_size", "qk_norm")
     if out["model"].get("architecture", "unet") == "unet":  # likewise: world v3's settings
         out["model"] = {k: v for k, v in out["model"].items() if k not in mmdit_only}
-    else:  # likewise: the first toy MMDiT's (2x2 patches, no QK norm) predate these keys
-        legacy = {"patch_size": 2, "qk_norm": None}
-        out["model"] = {k: v for k, v in out["model"].items() if k not in legacy or v != legacy[k]}
+    else:
+        out["model"] = _without(out["model"], MMDIT_BEFORE)
     # the sampling schedule's shift is saved in the model's scheduler config; training does not
     # read it, so a checkpoint serves any shift
     out["model"] = {k: v for k, v in out["model"].items() if k != "flow_shift"}
     run_only = ("run", "checkpointing_steps", "checkpoints_total_limit")
-    out["pretrain"] = {k: v for k, v in toy["pretrain"].items() if k not in run_only}
-    if out["pretrain"].get("grounding_images") == "all":  # likewise
-        del out["pretrain"]["grounding_images"]
-    if out["pretrain"].get("sigmas") == "uniform":  # likewise (and a UNet does not read it)
-        del out["pretrain"]["sigmas"]
-    if out["pretrain"].get("init", "absent") is None:  # likewise: trained from random weights
-        del out["pretrain"]["init"]
-    if out["pretrain"].get("pair_fraction", "absent") is None:  # likewise: the world's share
-        del out["pretrain"]["pair_fraction"]
+    pretrain = {k: v for k, v in toy["pretrain"].items() if k not in run_only}
+    out["pretrain"] = _without(pretrain, PRETRAIN_BEFORE)
     return out
 
 

@@ -417,6 +417,23 @@ def test_flux_loop_without_updates_is_fluxpipelines_own_sampling(pipes):
     assert (other - latents["latent"]).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("kind", ["sd3", "sd35"])
+def test_sd3_loop_without_updates_is_the_pipelines_own_sampling(pipes, kind):
+    """SD3/SD3.5: classifier-free guidance over CLIP + T5 conditioning, flow-matching steps."""
+    from sepen.guidance import Schedule, guided_sample
+    from sepen.sampling import sample
+
+    pipe = pipes[kind]
+    prompts, seeds = ["a cat and a dog", "a photo of a horse and a hat"], [3, 4]
+    flat = (lambda maps, pos: (maps.sum((1, 2, 3, 4)),) * 2, Schedule(3, 0, 20.0))
+    for guidance in (1.0, 4.0):  # without and with classifier-free guidance
+        ours = guided_sample(
+            pipe, prompts, [[[1], [3]], [[4], [7]]], seeds, *flat, {"blocks": [0]}, guidance
+        )
+        theirs = sample(pipe, prompts, seeds, 3, guidance, batch_size=2)
+        np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
 @pytest.mark.parametrize(("name", "scale"), [("attend_excite", 1e4), ("sepen_test_time", 1e2)])
 def test_test_time_guidance_on_flux_lowers_its_loss_on_the_token_grid(pipes, name, scale):
     """A&E and SepEn at test time on FLUX.1: maps on the unpacked 8x8 token grid with FLUX's

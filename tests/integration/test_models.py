@@ -52,3 +52,27 @@ def test_tests_read_an_isolated_model_cache_not_the_machines():
     snap.mkdir(parents=True)
     (snap / "model_index.json").write_text("{}")
     assert Path(snapshot_download("someone/cached", local_files_only=True)) == snap
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3", "flux"])
+def test_a_built_tiny_pipeline_is_as_from_pretrained_deterministic(kind):
+    """A model built from its config is in training mode; the tiny T5's dropout then made each
+    prompt encoding differ (SD3's loop vs its own pipeline: latents 6e-3 apart at guidance 1)."""
+    import torch
+
+    from sepen.denoising import encode
+    from sepen.models.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
+    from sepen.models.tiny_mmdit import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+
+    build = {
+        "sd": build_tiny_pipeline,
+        "sdxl": build_tiny_sdxl_pipeline,
+        "sd3": build_tiny_sd3_pipeline,
+        "flux": build_tiny_flux_pipeline,
+    }[kind]
+    pipe = build()
+    modules = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
+    assert modules and not any(m.training for m in modules)
+    prompts = ["a cat and a dog", "a photo of a horse and a hat"]
+    first, second = (encode(pipe, prompts, 1.0, 128, 128) for _ in range(2))
+    assert torch.equal(first.emb, second.emb)

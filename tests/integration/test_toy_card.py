@@ -81,6 +81,26 @@ def test_colour_centroids_see_objects_the_detector_cannot_recognise():
     assert counts == {"first_left": 2, "second_right": 2, "both": 2, "n": 3}
 
 
+def test_failing_objects_name_the_shape_a_wrong_shape_object_was_drawn_in():
+    from sepen.toy.card import failing_summary
+
+    both = render([Placed("circle", 8, 16, 6), Placed("star", 24, 16, 6)])
+    blob = render([Placed("circle", 8, 16, 6)])
+    blob[12:20, 20:28] = (255, 255, 0)  # the star's colour as a square, apart from the circle
+    blob[2:5, 2:7] = (255, 255, 0)  # and a smaller region of it: the biggest one is named
+    lonely = render([Placed("circle", 8, 16, 6)])
+    named = [["circle", "star"]] * 4
+    summary = failing_summary(np.stack([both, blob, lonely, blob]), named)
+    assert summary["counts"] == {"missing": 1, "too_small": 0, "merged": 0, "wrong_shape": 2}
+    assert summary["wrong_shape_drawn_as"] == {"star": {"square": 2}}
+    assert summary["missing_or_merged_share"] == pytest.approx(1 / 3)
+    assert failing_summary(np.stack([both]), named[:1]) == {
+        "counts": dict.fromkeys(("missing", "too_small", "merged", "wrong_shape"), 0),
+        "wrong_shape_drawn_as": {},
+        "missing_or_merged_share": None,
+    }
+
+
 def test_object_side_and_steering_counts_read_the_detected_objects():
     left = render([Placed("circle", 8, 16, 6), Placed("star", 24, 16, 6)])
     right = render([Placed("circle", 24, 16, 6), Placed("star", 8, 16, 6)])

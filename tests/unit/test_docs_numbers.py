@@ -94,3 +94,16 @@ def test_the_paper_configs_anchors_are_the_papers_file():
     text = re.sub(r"<!-- sepen:table .*?<!-- /sepen:table -->", "", text, flags=re.S)
     for value in paper["fid"].values():  # typed nowhere: rendered from the file
         assert not re.search(rf"\b{value:.2f}\b", text), value
+
+
+def test_a_study_table_has_a_row_per_cell_read_from_its_file():
+    from sepen.docs_numbers import study_table
+
+    study = json.loads((ROOT / "data/toy_mmdit/study.json").read_text())
+    lines = study_table(study).splitlines()
+    assert len(lines) == 2 + 1 + len(study["cells"])  # head, rule, base, one per cell
+    assert lines[2].startswith("| base | - | 0.161 [0.089, 0.232] | - | - | 0.080 |")
+    text = next(line for line in lines if line.startswith("| text-lr1e-5 |"))
+    cells = [c.strip() for c in text.strip("|").split("|")]
+    assert cells[1] == "joint_maps text, learning_rate 1e-05"
+    assert cells[3:5] == ["-0.027 [-0.080, +0.027]", "-0.027 [-0.054, +0.000]"]
