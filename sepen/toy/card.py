@@ -41,7 +41,7 @@ from sepen.models import load_pipeline
 from sepen.sampling import sample_with_maps
 from sepen.stats import bootstrap_ci, paired_difference
 from sepen.test_time import GuidanceMethod
-from sepen.toy.detect import FAILURES, object_outcome, regions
+from sepen.toy.detect import FAILURES, biggest_fitted, object_outcome, regions
 from sepen.toy.evaluate import generate, image_scores, prompt_kinds, rates, to_uint8
 from sepen.toy.geometry import drawing_key_cosine, soft_iou, spearman
 from sepen.toy.probes import centroid_sides, side_counts, swap_test, text_share
@@ -67,11 +67,10 @@ def failing_objects(images: np.ndarray, named: Sequence[Sequence[str]]) -> dict:
             if outcome == "found":
                 continue
             counts[outcome] += 1
-            if outcome == "wrong_shape":
-                own = [r for r in found if r.concept == c and r.shape is not None]
-                shape = max(own, key=lambda r: r.area).shape
-                drawn_as.setdefault(c, {})
-                drawn_as[c][shape] = drawn_as[c].get(shape, 0) + 1
+            if outcome == "wrong_shape":  # the region object_outcome judged
+                shape = biggest_fitted(c, found).shape
+                per_shape = drawn_as.setdefault(c, {})
+                per_shape[shape] = per_shape.get(shape, 0) + 1
     return {"counts": counts, "wrong_shape_drawn_as": drawn_as}
 
 

@@ -126,6 +126,12 @@ def _touches(a: np.ndarray, b: np.ndarray) -> bool:
     return bool((ndimage.binary_dilation(a, structure=np.ones((3, 3), bool)) & b).any())
 
 
+def biggest_fitted(concept: str, found: Sequence[Region]) -> Region | None:
+    """The biggest region of `concept`'s colour that is large enough to be fitted a shape."""
+    fitted = [r for r in found if r.concept == concept and r.shape is not None]
+    return max(fitted, key=lambda r: r.area) if fitted else None
+
+
 def object_outcome(concept: str, named: Sequence[str], found: Sequence[Region]) -> str:
     """'found', or why the named `concept` is not: the failure taxonomy.
 
@@ -140,9 +146,9 @@ def object_outcome(concept: str, named: Sequence[str], found: Sequence[Region]) 
         return "found"
     if not own:
         return "missing"
-    if all(r.shape is None for r in own):
+    biggest = biggest_fitted(concept, own)
+    if biggest is None:
         return "too_small"
-    biggest = max((r for r in own if r.shape is not None), key=lambda r: r.area)
     partners = [c for c in named if c != concept]
     if biggest.shape in {CONCEPTS[c].shape for c in partners}:
         return "merged"
