@@ -258,6 +258,13 @@ def card_criteria_table(sources: Sources) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _failure_cells(rates: dict) -> str:
+    """A set's missing, merged and wrong-shape rates as table cells."""
+    return " | ".join(
+        format_value(rates[k]["mean"]) for k in ("fail_missing", "fail_merged", "fail_wrong_shape")
+    )
+
+
 def run_table(run: dict) -> str:
     """A run's held-out pairs per method: success, paired difference to base, failure kinds."""
     held = run["metrics"]["sets"]["held_out_pairs"]
@@ -270,10 +277,7 @@ def run_table(run: dict) -> str:
         if method not in held:
             continue
         delta = "-" if method == "base" else format_value(diffs[method]["success"], "+.3f")
-        kinds = " | ".join(
-            format_value(held[method][k]["mean"])
-            for k in ("fail_missing", "fail_merged", "fail_wrong_shape")
-        )
+        kinds = _failure_cells(held[method])
         success = format_value(held[method]["success"])
         lines.append(f"| {METHOD_NAMES[method]} | {success} | {delta} | {kinds} |")
     return "\n".join(lines) + "\n"
@@ -288,13 +292,8 @@ def study_table(study: dict) -> str:
         "minus base | missing | merged | wrong shape |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    kinds = ("fail_missing", "fail_merged", "fail_wrong_shape")
     base = study["base"]["held_out_pairs"]
-    lines.append(
-        f"| base | - | {format_value(base['success'])} | - | - | "
-        + " | ".join(format_value(base[k]["mean"]) for k in kinds)
-        + " |"
-    )
+    lines.append(f"| base | - | {format_value(base['success'])} | - | - | {_failure_cells(base)} |")
     for cell in study["cells"]:
         result = study["results"][cell["name"]]
         held = result["held_out_pairs"]["seeds"][seed]
@@ -303,9 +302,7 @@ def study_table(study: dict) -> str:
         lines.append(
             f"| {cell['name']} | {settings} | {format_value(held['success'])} "
             f"| {format_value(held['minus_base']['success'], '+.3f')} "
-            f"| {format_value(alone, '+.3f')} | "
-            + " | ".join(format_value(held[k]["mean"]) for k in kinds)
-            + " |"
+            f"| {format_value(alone, '+.3f')} | {_failure_cells(held)} |"
         )
     return "\n".join(lines) + "\n"
 
