@@ -167,6 +167,7 @@ def train_denoiser(run: Run, toy: dict, until: int, progress: bool, save=None) -
             pair_share,
             toy["radius"],
             one_name_fraction=toy["one_name_fraction"],
+            concept_weights=pre["concept_weights"],
         )
         drop = rng.random(len(prompts)) < pre["empty_prompt_fraction"]
         prompts = ["" if d else p for p, d in zip(prompts, drop)]
@@ -259,6 +260,7 @@ PRETRAIN_BEFORE = {
     "sigmas": "uniform",  # (and a UNet does not read it)
     "init": None,  # trained from random weights
     "pair_fraction": None,  # the world's share of pairs
+    "concept_weights": None,  # every concept and trained pair drawn equally often
 }
 
 
@@ -383,6 +385,12 @@ def pretrain(
         raise SepenError(
             f"--until {until} is outside 1..{pre['steps']} (toy.pretrain.steps); "
             "give a step of this run's schedule"
+        )
+    strangers = sorted(set(pre["concept_weights"] or {}) - set(toy["concepts"]))
+    if strangers:
+        raise SepenError(
+            f"toy.pretrain.concept_weights names {', '.join(strangers)}, not a concept of this "
+            f"world (toy.concepts: {', '.join(toy['concepts'])}); weigh only its concepts"
         )
     settings = world_settings(toy)
     init = read_init(settings)

@@ -192,25 +192,41 @@ def scene_batch(
     radius=(5.0, 8.0),
     size: int = 32,
     one_name_fraction: float = 0.0,
+    concept_weights: dict[str, float] | None = None,
 ):
     """n training scenes: single objects, or (with probability pair_fraction) a trained pair.
 
     A pair image's caption names only one of its two objects with probability
     `one_name_fraction` (as web captions often name only one object); with 0 the random stream
     is that of earlier versions, so their models stay reproducible.
+    `concept_weights` (concept -> relative weight, 1 for a concept it leaves out) draws a
+    concept alone in proportion to its weight and a pair in proportion to its two weights' mean;
+    None draws them uniformly, with the random stream of earlier versions.
 
     Returns (images uint8 (n, size, size, 3), prompts, named concepts per image, the placed
     objects per image in drawing order; the named concepts lead, in their order).
     """
+    single_p = pair_p = None
+    if concept_weights is not None:
+        w = {c: float(concept_weights.get(c, 1.0)) for c in concepts}
+        single_p = np.array([w[c] for c in concepts]) / sum(w.values())
+        pair_w = np.array([(w[a] + w[b]) / 2 for a, b in pairs])
+        pair_p = pair_w / pair_w.sum() if len(pairs) else None
     images, prompts, named, layouts = [], [], [], []
     for _ in range(n):
         if pairs and rng.random() < pair_fraction:
-            chosen = list(pairs[rng.integers(len(pairs))])
+            k = rng.integers(len(pairs)) if pair_p is None else rng.choice(len(pairs), p=pair_p)
+            chosen = list(pairs[k])
             if rng.random() < 0.5:
                 chosen.reverse()
             conjunction = "and" if rng.random() < 0.5 else "with"
         else:
-            chosen, conjunction = [concepts[rng.integers(len(concepts))]], "and"
+            k = (
+                rng.integers(len(concepts))
+                if single_p is None
+                else rng.choice(len(concepts), p=single_p)
+            )
+            chosen, conjunction = [concepts[k]], "and"
         layouts.append(place(rng, chosen, size, tuple(radius)))
         images.append(render(layouts[-1], size))
         if len(chosen) > 1 and one_name_fraction > 0 and rng.random() < one_name_fraction:

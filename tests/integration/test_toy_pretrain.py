@@ -158,28 +158,33 @@ def test_an_init_model_of_another_world_or_no_model_is_refused_before_any_work(
     assert not (tmp_path / "s").exists() and not (tmp_path / "x").exists()
 
 
-def test_a_longer_training_may_give_pairs_another_share_without_changing_the_world(
+def test_a_longer_training_may_give_pairs_and_concepts_other_shares_without_changing_the_world(
     tmp_path, uninterrupted, monkeypatch
 ):
-    """toy.pretrain.pair_fraction: this run's share of pair scenes; the world (and so the init
-    check) keeps toy.pair_fraction, and a run that leaves it null has the settings of before."""
+    """toy.pretrain.pair_fraction / concept_weights: this run's share of pair scenes and of each
+    concept; the world (and so the init check) keeps toy.pair_fraction, and a run that leaves
+    them null has the settings of before."""
     import sepen.toy.pretrain as pretraining
 
     shares = []
 
     def recording(rng, n, concepts, pairs, pair_fraction, *args, **kwargs):
-        shares.append(pair_fraction)
+        shares.append((pair_fraction, kwargs["concept_weights"]))
         return scene_batch(rng, n, concepts, pairs, pair_fraction, *args, **kwargs)
 
     monkeypatch.setattr(pretraining, "scene_batch", recording)
     config = v3_config(steps=2)
-    assert "pair_fraction" not in world_settings(prepare_world(config))["pretrain"]
-    config["toy"]["pretrain"].update(init=str(uninterrupted / "full"), pair_fraction=0.9)
+    before = world_settings(prepare_world(config))["pretrain"]
+    assert "pair_fraction" not in before and "concept_weights" not in before
+    config["toy"]["pretrain"].update(
+        init=str(uninterrupted / "full"), pair_fraction=0.9, concept_weights={"star": 3.0}
+    )
     pretrain(config, tmp_path / "more", progress=False, state_dir=tmp_path / "s")
-    assert shares == [0.9, 0.9]  # the world's toy.pair_fraction is 0.5
+    assert shares == [(0.9, {"star": 3.0})] * 2  # the world's toy.pair_fraction is 0.5
     summary = json.loads((tmp_path / "more" / "sepen_toy.json").read_text())
     assert summary["config"]["pair_fraction"] == 0.5
     assert summary["config"]["pretrain"]["pair_fraction"] == 0.9
+    assert summary["config"]["pretrain"]["concept_weights"] == {"star": 3.0}
 
 
 def test_until_outside_the_schedule_is_refused_before_any_work(tmp_path):
@@ -236,3 +241,35 @@ def test_pretrain_cli_resumes_latest(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "resuming from" in r.stderr and (out / "model_index.json").is_file()
     shutil.rmtree(out)
+
+
+def test_concept_weights_draw_the_weighted_concepts_and_their_pairs_more_often():
+    concepts = ["circle", "star", "cross"]
+    pairs = [["circle", "star"], ["circle", "cross"]]
+    rng = np.random.default_rng(0)
+    _, _, named, layouts = scene_batch(
+        rng, 3000, concepts, pairs, 0.4, (6, 8), concept_weights={"star": 4.0}
+    )
+    singles = [n[0] for n in named if len(n) == 1]
+    share = {c: singles.count(c) / len(singles) for c in concepts}
+    assert abs(share["star"] - 4 / 6) < 0.04 and abs(share["circle"] - 1 / 6) < 0.03
+    two = [sorted(n) for n in named if len(n) == 2]
+    # a pair in proportion to its weights' mean: circle+star 2.5, circle+cross 1
+    assert abs(two.count(["circle", "star"]) / len(two) - 2.5 / 3.5) < 0.04
+    assert all(len(p) == len(n) for p, n in zip(layouts, named))
+    # None draws exactly the stream of earlier versions (their models stay reproducible)
+    a = scene_batch(np.random.default_rng(1), 50, concepts, pairs, 0.5, (6, 8))
+    b = scene_batch(
+        np.random.default_rng(1), 50, concepts, pairs, 0.5, (6, 8), concept_weights=None
+    )
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+
+
+def test_concept_weights_of_another_world_are_refused_before_any_work(tmp_path):
+    config = v3_config()
+    config["toy"]["concepts"] = ["circle", "square", "triangle"]
+    config["toy"]["held_out_pairs"] = 1
+    config["toy"]["pretrain"]["concept_weights"] = {"star": 2.0}
+    with pytest.raises(SepenError, match="concept_weights names star, not a concept of this"):
+        pretrain(config, tmp_path / "x", progress=False, state_dir=tmp_path / "s")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "x").exists()
