@@ -52,14 +52,22 @@ def _sweep(folder: str, config: str, tries: tuple[str, ...]) -> tuple[str, str]:
 
 # the toy MMDiTs: docs name -> (model folder, config); today's is plain "mmdit"
 TOY_MMDITS = {
-    "mmdit": ("toy_mmdit_v6", "toy_mmdit"),
+    "mmdit": ("toy_mmdit_v8", "toy_mmdit"),
+    "mmdit_v7": ("toy_mmdit_v7", "toy_mmdit_v7"),
+    "mmdit_v6": ("toy_mmdit_v6", "toy_mmdit_v6"),
     "mmdit_v5": ("toy_mmdit_v5", "toy_mmdit_v5"),
     "mmdit_v4": ("toy_mmdit_v4", "toy_mmdit_v4"),
     "mmdit_v3": ("toy_mmdit_v3", "toy_mmdit_v3"),
     "mmdit_v2": ("toy_mmdit_v2", "toy_mmdit_v2"),
     "mmdit_v1": ("toy_mmdit", "toy_mmdit_v1"),
 }
-_RUNS = ("mmdit", "mmdit_v4", "mmdit_v3", "mmdit_v2")  # those whose default run is shipped
+_RUNS = (
+    "mmdit",
+    "mmdit_v6",
+    "mmdit_v4",
+    "mmdit_v3",
+    "mmdit_v2",
+)  # those whose default run is shipped
 _V4 = TOY_MMDITS["mmdit_v4"]
 
 # name -> (file, the command that wrote it)
@@ -74,7 +82,8 @@ SOURCES = {
     **{f"{name}_card": _card(*where) for name, where in TOY_MMDITS.items()},
     **{f"{name}_pretrain": _pretrain(*where) for name, where in TOY_MMDITS.items()},
     **{f"{name}_run": _run(*TOY_MMDITS[name]) for name in _RUNS},
-    "mmdit_sweep": _sweep(*TOY_MMDITS["mmdit"], ("guidance=1.75", "guidance=1.5")),
+    "mmdit_v6_sweep": _sweep(*TOY_MMDITS["mmdit_v6"], ("guidance=1.75", "guidance=1.5")),
+    "mmdit_v7_sweep": _sweep(*TOY_MMDITS["mmdit_v7"], ("guidance=1.75",)),
     "mmdit_v4_sweep": _sweep(
         *_V4,
         ("steps=40", "shift=5", "guidance=3", "guidance=1.75", "guidance=1.5", "guidance=1.25"),
@@ -83,10 +92,10 @@ SOURCES = {
     **{
         f"mmdit_probe_lr{lr.replace('-', '')}_{signal}": (
             f"data/toy_mmdit_v6/diagnose/circle_star_lr{lr}_{signal}.json",
-            f"sepen finetune --config config/toy_mmdit.yaml --set finetune.learning_rate={lr} "
-            f"--set finetune.signal={signal} --plan results/toy_mmdit/prompts.json --model-id "
+            f"sepen finetune --config config/toy_mmdit_v6.yaml --set finetune.learning_rate={lr} "
+            f"--set finetune.signal={signal} --plan results/toy_mmdit_v6/prompts.json --model-id "
             "circle-star_<hash> --out DELTA, then sepen toy diagnose --config "
-            "config/toy_mmdit.yaml --model data/toy_mmdit_v6 --delta DELTA --concepts circle "
+            "config/toy_mmdit_v6.yaml --model data/toy_mmdit_v6 --delta DELTA --concepts circle "
             f"star --images 16 --out data/toy_mmdit_v6/diagnose/circle_star_lr{lr}_{signal}.json",
         )
         for lr in ("1e-5", "1e-4")
@@ -94,8 +103,8 @@ SOURCES = {
     },
     "mmdit_study": (
         "data/toy_mmdit_v6/study.json",
-        "sepen toy study --config config/toy_mmdit.yaml --cells config/toy_study_mmdit_v6.yaml "
-        "--out-dir results/toy_mmdit/study --set evaluation.seed=50000 --set "
+        "sepen toy study --config config/toy_mmdit_v6.yaml --cells config/toy_study_mmdit_v6.yaml "
+        "--out-dir results/toy_mmdit_v6/study --set evaluation.seed=50000 --set "
         'evaluation.images_per_prompt=8 --set "toy.study.seeds=[0]"',
     ),
     **{
@@ -235,6 +244,8 @@ def card_criteria_table(sources: Sources) -> str:
     sampled at shift 1): each value and whether it holds (the cards' own `criteria`)."""
     cards = [
         ("toy MMDiT", sources["mmdit_card"]),
+        ("seventh toy MMDiT", sources["mmdit_v7_card"]),
+        ("sixth toy MMDiT", sources["mmdit_v6_card"]),
         ("fifth toy MMDiT", sources["mmdit_v5_card"]),
         ("fourth toy MMDiT", sources["mmdit_v4_card"]),
         ("third toy MMDiT", sources["mmdit_v3_card"]),
@@ -362,10 +373,11 @@ TABLES = {
     "default_run": default_run_table,
     "card_criteria": card_criteria_table,
     "mmdit_run": lambda sources: run_table(sources["mmdit_run"]),
-    "mmdit_sweep": lambda sources: sweep_table(sources["mmdit_sweep"]),
+    "mmdit_v6_sweep": lambda sources: sweep_table(sources["mmdit_v6_sweep"]),
     "mmdit_study": lambda sources: study_table(sources["mmdit_study"]),
     "mmdit_stream_change": stream_table,
     "mmdit_image_queries_run": lambda sources: run_table(sources["mmdit_image_queries_run"]),
+    "mmdit_v6_run": lambda sources: run_table(sources["mmdit_v6_run"]),
     "mmdit_v4_run": lambda sources: run_table(sources["mmdit_v4_run"]),
     "mmdit_v4_sweep": lambda sources: sweep_table(sources["mmdit_v4_sweep"]),
     "mmdit_v3_run": lambda sources: run_table(sources["mmdit_v3_run"]),

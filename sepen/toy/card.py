@@ -4,7 +4,8 @@ What a base model's world is like, measured before any SepEn number is looked at
 that no reported number uses (`toy.card.seed` onwards; the seed ranges: sepen.toy.seeds):
 
 - success of the exact detector per single concept, trained pair and held-out pair, and the
-  failure taxonomy of the held-out pairs' failing objects;
+  failure taxonomy of the held-out pairs' failing objects, with how big each kind of failing
+  object is drawn against its concept drawn alone (`object_sizes`);
 - steering: is the attention causal? One object token's cross-attention logits get +b on the
   left half of the image and -b on the right (the other token the mirror), in every
   cross-attention layer; how often does each object land on its steered side, against the
@@ -82,6 +83,57 @@ def failing_summary(images: np.ndarray, named: Sequence[Sequence[str]]) -> dict:
     total = sum(counts.values())
     share = (counts["missing"] + counts["merged"]) / total if total else None
     return {**failing, "missing_or_merged_share": share}
+
+
+def _biggest_area(concept: str, found) -> int:
+    return max((r.area for r in found if r.concept == concept), default=0)
+
+
+def object_sizes(
+    singles: np.ndarray,
+    single_named: Sequence[Sequence[str]],
+    pairs: np.ndarray,
+    pair_named: Sequence[Sequence[str]],
+) -> dict:
+    """How big each named object is drawn: the area (pixels) of its colour's biggest region.
+
+    `alone` - per concept, the median area where it is found alone; `held_out_pairs` - per
+    outcome of `object_outcome` (missing left out: no region), the number of objects, their
+    median area and the median of each one's area over its concept's area alone (1 - as big
+    as alone, 0.5 - half), overall and per concept.
+    """
+    alone_areas: dict[str, list[int]] = {}
+    for im, names in zip(singles, single_named):
+        found = regions(im)
+        for c in names:
+            if object_outcome(c, names, found) == "found":
+                alone_areas.setdefault(c, []).append(_biggest_area(c, found))
+    alone = {c: float(np.median(a)) for c, a in alone_areas.items()}
+    drawn: dict[str, list[tuple[str, int]]] = {}
+    for im, names in zip(pairs, pair_named):
+        found = regions(im)
+        for c in names:
+            outcome = object_outcome(c, names, found)
+            if outcome != "missing":
+                drawn.setdefault(outcome, []).append((c, _biggest_area(c, found)))
+
+    def summary(items):
+        ratios = [area / alone[c] for c, area in items if c in alone]
+        return {
+            "n": len(items),
+            "median_area": float(np.median([area for _, area in items])),
+            "vs_alone": float(np.median(ratios)) if ratios else None,
+        }
+
+    held = {}
+    for outcome in ("found", *FAILURES[1:]):
+        items = drawn.get(outcome, [])
+        if items:
+            per = {
+                c: summary([i for i in items if i[0] == c]) for c in sorted({c for c, _ in items})
+            }
+            held[outcome] = {**summary(items), "per_concept": per}
+    return {"alone": alone, "held_out_pairs": held}
 
 
 def _success(rows) -> list[float]:
@@ -221,6 +273,13 @@ def card(config: dict, model: str, progress: bool = True) -> dict:
         if kind != "single"
     }
     out["failing_objects"] = failing_summary(images_by_kind["held_out_pairs"], held_named)
+    singles = prompt_kinds(toy)["single"]
+    out["object_sizes"] = object_sizes(
+        images_by_kind["single"],
+        [list(c) for c in singles for _ in seeds],
+        images_by_kind["held_out_pairs"],
+        held_named,
+    )
 
     # does the concept reach the image through the object tokens?
     out["text_share"] = text_share(pipe, held, toy["radius"], seed0)

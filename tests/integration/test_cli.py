@@ -68,6 +68,8 @@ def test_shipped_configs_validate(path, mode):
         "config/config.yaml",
         "config/toy_v2.yaml",
         "config/toy_mmdit.yaml",
+        "config/toy_mmdit_v7.yaml",
+        "config/toy_mmdit_v6.yaml",
         "config/toy_mmdit_v1.yaml",
     ],
 )

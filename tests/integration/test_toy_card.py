@@ -101,6 +101,29 @@ def test_failing_objects_name_the_shape_a_wrong_shape_object_was_drawn_in():
     }
 
 
+def test_object_sizes_compare_each_outcome_with_the_concept_drawn_alone():
+    from sepen.toy.card import object_sizes
+
+    singles = np.stack([render([Placed("star", 16, 16, 7)]), render([Placed("circle", 16, 16, 6)])])
+    star_alone = int((singles[0] == (255, 255, 0)).all(-1).sum())
+    both = render([Placed("circle", 8, 16, 6), Placed("star", 24, 16, 7)])
+    small = render([Placed("circle", 8, 16, 6)])
+    small[14:18, 22:26] = (255, 255, 0)  # a star drawn as a 4x4 blob, apart from the circle
+    lonely = render([Placed("circle", 8, 16, 6)])
+    sizes = object_sizes(
+        singles, [["star"], ["circle"]], np.stack([both, small, lonely]), [["circle", "star"]] * 3
+    )
+    circle_alone = int((singles[1] == (255, 0, 0)).all(-1).sum())
+    assert sizes["alone"] == {"star": star_alone, "circle": circle_alone}
+    wrong = sizes["held_out_pairs"]["wrong_shape"]
+    assert wrong["n"] == 1 and wrong["median_area"] == 16
+    assert wrong["vs_alone"] == pytest.approx(16 / star_alone)
+    assert wrong["per_concept"]["star"]["vs_alone"] == pytest.approx(16 / star_alone)
+    found = sizes["held_out_pairs"]["found"]
+    assert found["n"] == 4 and found["vs_alone"] == pytest.approx(1.0)  # as big as alone
+    assert "missing" not in sizes["held_out_pairs"]  # no region to measure
+
+
 def test_object_side_and_steering_counts_read_the_detected_objects():
     left = render([Placed("circle", 8, 16, 6), Placed("star", 24, 16, 6)])
     right = render([Placed("circle", 24, 16, 6), Placed("star", 8, 16, 6)])
@@ -385,7 +408,7 @@ def test_sweep_samples_the_shipped_toy_mmdit_at_other_settings(tmp_path, tiny_to
     common = ["--config", str(root / "config/toy_mmdit.yaml"), "--out", str(out)]
     quick = ["--set", "toy.card.images_per_prompt=2", "--set", "sampling.steps=4"]
     tries = ["--try", "guidance=2", "--try", "shift=1", "--try", "guidance=3,steps=3"]
-    args = common + quick + ["--model", str(root / "data/toy_mmdit_v6")] + tries
+    args = common + quick + ["--model", str(root / "data/toy_mmdit_v8")] + tries
     assert cli(args) == 0
     rows = json.loads(out.read_text())["settings"]
     assert [r["setting"] for r in rows] == [

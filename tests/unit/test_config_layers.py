@@ -25,6 +25,8 @@ LAYERED = [
     "flux_joint",
     "toy_mmdit",
     "toy_mmdit_image_queries",
+    "toy_mmdit_v7",
+    "toy_mmdit_v6",
     "toy_mmdit_v5",
     "toy_mmdit_v4",
     "toy_mmdit_v3",
