@@ -42,7 +42,7 @@ from sepen.models import load_pipeline
 from sepen.sampling import sample_with_maps
 from sepen.stats import bootstrap_ci, paired_difference
 from sepen.test_time import GuidanceMethod
-from sepen.toy.detect import FAILURES, biggest_fitted, object_outcome, regions
+from sepen.toy.detect import failing_summary, object_sizes
 from sepen.toy.evaluate import generate, image_scores, prompt_kinds, rates, to_uint8
 from sepen.toy.geometry import drawing_key_cosine, soft_iou, spearman
 from sepen.toy.probes import centroid_sides, side_counts, swap_test, text_share
@@ -53,87 +53,6 @@ from sepen.toy.world import prepare_world, prompt_for
 log = logging.getLogger("sepen.toy.card")
 
 CARD_FILE = "world_card.json"
-
-
-def failing_objects(images: np.ndarray, named: Sequence[Sequence[str]]) -> dict:
-    """Over images, the named objects that were not found: outcome counts, and for each
-    concept drawn in a wrong shape the shapes its biggest region was drawn in."""
-
-    counts = dict.fromkeys(FAILURES, 0)
-    drawn_as: dict[str, dict[str, int]] = {}
-    for im, names in zip(images, named):
-        found = regions(im)
-        for c in names:
-            outcome = object_outcome(c, names, found)
-            if outcome == "found":
-                continue
-            counts[outcome] += 1
-            if outcome == "wrong_shape":  # the region object_outcome judged
-                shape = biggest_fitted(c, found).shape
-                per_shape = drawn_as.setdefault(c, {})
-                per_shape[shape] = per_shape.get(shape, 0) + 1
-    return {"counts": counts, "wrong_shape_drawn_as": drawn_as}
-
-
-def failing_summary(images: np.ndarray, named: Sequence[Sequence[str]]) -> dict:
-    """`failing_objects`' counts, the shapes wrong-shape objects were drawn in, and the share
-    of failing objects missing or merged (None if none fail)."""
-    failing = failing_objects(images, named)
-    counts = failing["counts"]
-    total = sum(counts.values())
-    share = (counts["missing"] + counts["merged"]) / total if total else None
-    return {**failing, "missing_or_merged_share": share}
-
-
-def _biggest_area(concept: str, found) -> int:
-    return max((r.area for r in found if r.concept == concept), default=0)
-
-
-def object_sizes(
-    singles: np.ndarray,
-    single_named: Sequence[Sequence[str]],
-    pairs: np.ndarray,
-    pair_named: Sequence[Sequence[str]],
-) -> dict:
-    """How big each named object is drawn: the area (pixels) of its colour's biggest region.
-
-    `alone` - per concept, the median area where it is found alone; `held_out_pairs` - per
-    outcome of `object_outcome` (missing left out: no region), the number of objects, their
-    median area and the median of each one's area over its concept's area alone (1 - as big
-    as alone, 0.5 - half), overall and per concept.
-    """
-    alone_areas: dict[str, list[int]] = {}
-    for im, names in zip(singles, single_named):
-        found = regions(im)
-        for c in names:
-            if object_outcome(c, names, found) == "found":
-                alone_areas.setdefault(c, []).append(_biggest_area(c, found))
-    alone = {c: float(np.median(a)) for c, a in alone_areas.items()}
-    drawn: dict[str, list[tuple[str, int]]] = {}
-    for im, names in zip(pairs, pair_named):
-        found = regions(im)
-        for c in names:
-            outcome = object_outcome(c, names, found)
-            if outcome != "missing":
-                drawn.setdefault(outcome, []).append((c, _biggest_area(c, found)))
-
-    def summary(items):
-        ratios = [area / alone[c] for c, area in items if c in alone]
-        return {
-            "n": len(items),
-            "median_area": float(np.median([area for _, area in items])),
-            "vs_alone": float(np.median(ratios)) if ratios else None,
-        }
-
-    held = {}
-    for outcome in ("found", *FAILURES[1:]):
-        items = drawn.get(outcome, [])
-        if items:
-            per = {
-                c: summary([i for i in items if i[0] == c]) for c in sorted({c for c, _ in items})
-            }
-            held[outcome] = {**summary(items), "per_concept": per}
-    return {"alone": alone, "held_out_pairs": held}
 
 
 def _success(rows) -> list[float]:

@@ -3,7 +3,9 @@
 A pixel belongs to a concept when its colour is nearest to that concept's colour (and near
 enough); each connected region of one colour counts as the concept only if its outline matches
 the concept's shape (best IoU of the shape fitted to the region's box). So two objects merged
-into one blob, or an object drawn with another concept's shape, do not count.
+into one blob, or an object drawn with another concept's shape, do not count. Over many
+images: the named objects that fail, by kind of failure (the taxonomy), and how big each kind
+is drawn (the world card's `failing_objects` and `object_sizes`).
 """
 
 from __future__ import annotations
@@ -183,3 +185,84 @@ def score_image(counts: dict[str, int], named: Sequence[str]) -> dict[str, float
         "spurious": float(bool(spurious)),
         "exact_count": float(all(counts.get(c, 0) == 1 for c in named) and not spurious),
     }
+
+
+def failing_objects(images: np.ndarray, named: Sequence[Sequence[str]]) -> dict:
+    """Over images, the named objects that were not found: outcome counts, and for each
+    concept drawn in a wrong shape the shapes its biggest region was drawn in."""
+
+    counts = dict.fromkeys(FAILURES, 0)
+    drawn_as: dict[str, dict[str, int]] = {}
+    for im, names in zip(images, named):
+        found = regions(im)
+        for c in names:
+            outcome = object_outcome(c, names, found)
+            if outcome == "found":
+                continue
+            counts[outcome] += 1
+            if outcome == "wrong_shape":  # the region object_outcome judged
+                shape = biggest_fitted(c, found).shape
+                per_shape = drawn_as.setdefault(c, {})
+                per_shape[shape] = per_shape.get(shape, 0) + 1
+    return {"counts": counts, "wrong_shape_drawn_as": drawn_as}
+
+
+def failing_summary(images: np.ndarray, named: Sequence[Sequence[str]]) -> dict:
+    """`failing_objects`' counts, the shapes wrong-shape objects were drawn in, and the share
+    of failing objects missing or merged (None if none fail)."""
+    failing = failing_objects(images, named)
+    counts = failing["counts"]
+    total = sum(counts.values())
+    share = (counts["missing"] + counts["merged"]) / total if total else None
+    return {**failing, "missing_or_merged_share": share}
+
+
+def _biggest_area(concept: str, found) -> int:
+    return max((r.area for r in found if r.concept == concept), default=0)
+
+
+def object_sizes(
+    singles: np.ndarray,
+    single_named: Sequence[Sequence[str]],
+    pairs: np.ndarray,
+    pair_named: Sequence[Sequence[str]],
+) -> dict:
+    """How big each named object is drawn: the area (pixels) of its colour's biggest region.
+
+    `alone` - per concept, the median area where it is found alone; `held_out_pairs` - per
+    outcome of `object_outcome` (missing left out: no region), the number of objects, their
+    median area and the median of each one's area over its concept's area alone (1 - as big
+    as alone, 0.5 - half), overall and per concept.
+    """
+    alone_areas: dict[str, list[int]] = {}
+    for im, names in zip(singles, single_named):
+        found = regions(im)
+        for c in names:
+            if object_outcome(c, names, found) == "found":
+                alone_areas.setdefault(c, []).append(_biggest_area(c, found))
+    alone = {c: float(np.median(a)) for c, a in alone_areas.items()}
+    drawn: dict[str, list[tuple[str, int]]] = {}
+    for im, names in zip(pairs, pair_named):
+        found = regions(im)
+        for c in names:
+            outcome = object_outcome(c, names, found)
+            if outcome != "missing":
+                drawn.setdefault(outcome, []).append((c, _biggest_area(c, found)))
+
+    def summary(items):
+        ratios = [area / alone[c] for c, area in items if c in alone]
+        return {
+            "n": len(items),
+            "median_area": float(np.median([area for _, area in items])),
+            "vs_alone": float(np.median(ratios)) if ratios else None,
+        }
+
+    held = {}
+    for outcome in ("found", *FAILURES[1:]):
+        items = drawn.get(outcome, [])
+        if items:
+            per = {
+                c: summary([i for i in items if i[0] == c]) for c in sorted({c for c, _ in items})
+            }
+            held[outcome] = {**summary(items), "per_concept": per}
+    return {"alone": alone, "held_out_pairs": held}

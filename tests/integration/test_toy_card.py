@@ -82,7 +82,7 @@ def test_colour_centroids_see_objects_the_detector_cannot_recognise():
 
 
 def test_failing_objects_name_the_shape_a_wrong_shape_object_was_drawn_in():
-    from sepen.toy.card import failing_summary
+    from sepen.toy.detect import failing_summary
 
     both = render([Placed("circle", 8, 16, 6), Placed("star", 24, 16, 6)])
     blob = render([Placed("circle", 8, 16, 6)])
@@ -102,7 +102,7 @@ def test_failing_objects_name_the_shape_a_wrong_shape_object_was_drawn_in():
 
 
 def test_object_sizes_compare_each_outcome_with_the_concept_drawn_alone():
-    from sepen.toy.card import object_sizes
+    from sepen.toy.detect import object_sizes
 
     singles = np.stack([render([Placed("star", 16, 16, 7)]), render([Placed("circle", 16, 16, 6)])])
     star_alone = int((singles[0] == (255, 255, 0)).all(-1).sum())
