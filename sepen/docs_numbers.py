@@ -101,12 +101,16 @@ SOURCES = {
         for lr in ("1e-5", "1e-4")
         for signal in ("random", "base_samples")
     },
-    "mmdit_study": (
-        "data/toy_mmdit_v6/study.json",
-        "sepen toy study --config config/toy_mmdit_v6.yaml --cells config/toy_study_mmdit_v6.yaml "
-        "--out-dir results/toy_mmdit_v6/study --set evaluation.seed=50000 --set "
-        'evaluation.images_per_prompt=8 --set "toy.study.seeds=[0]"',
-    ),
+    **{
+        f"{name}_study": (
+            f"data/{folder}/study.json",
+            f"sepen toy study --config config/{config}.yaml --cells config/toy_study_mmdit_v6.yaml "
+            f"--out-dir results/{config}/study --set evaluation.seed=50000 --set "
+            'evaluation.images_per_prompt=8 --set "toy.study.seeds=[0]"',
+        )
+        for name, (folder, config) in TOY_MMDITS.items()
+        if name in ("mmdit", "mmdit_v6")
+    },
     **{
         f"mmdit_diagnose_{pair}{suffix}": (
             f"data/toy_mmdit_v4/diagnose/{pair}{suffix}.json",
@@ -375,6 +379,7 @@ TABLES = {
     "mmdit_run": lambda sources: run_table(sources["mmdit_run"]),
     "mmdit_v6_sweep": lambda sources: sweep_table(sources["mmdit_v6_sweep"]),
     "mmdit_study": lambda sources: study_table(sources["mmdit_study"]),
+    "mmdit_v6_study": lambda sources: study_table(sources["mmdit_v6_study"]),
     "mmdit_stream_change": stream_table,
     "mmdit_image_queries_run": lambda sources: run_table(sources["mmdit_image_queries_run"]),
     "mmdit_v6_run": lambda sources: run_table(sources["mmdit_v6_run"]),
