@@ -61,13 +61,8 @@ TOY_MMDITS = {
     "mmdit_v2": ("toy_mmdit_v2", "toy_mmdit_v2"),
     "mmdit_v1": ("toy_mmdit", "toy_mmdit_v1"),
 }
-_RUNS = (
-    "mmdit",
-    "mmdit_v6",
-    "mmdit_v4",
-    "mmdit_v3",
-    "mmdit_v2",
-)  # those whose default run is shipped
+# those whose default run is shipped
+_RUNS = ("mmdit", "mmdit_v6", "mmdit_v4", "mmdit_v3", "mmdit_v2")
 _V4 = TOY_MMDITS["mmdit_v4"]
 
 # name -> (file, the command that wrote it)
